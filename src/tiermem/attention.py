@@ -1,0 +1,105 @@
+"""The one place that touches the model's attention modules.
+
+Every attention module's ``forward`` is replaced (reversibly) by one generic forward that runs the module's own
+projections and QK-norms, then hands the pre-RoPE queries, keys and values to the layer's :class:`TierLayer`, which
+applies RoPE its own way, stores what its policy keeps, and attends. Why not a transformers ``Cache`` subclass plus a
+registered attention function: a cache sees keys after RoPE and never sees queries, and SnapKV, InfLLM, EM-LLM and
+SentenceKV all need queries, and some need keys before RoPE.
+
+While patched, the model's attention implementation is set to ``"tiermem"``, registered with transformers without a
+mask function, so transformers skips building attention masks (layers mask by position themselves).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+
+from tiermem.layer_info import LayerInfo, attention_modules, describe_layers
+from tiermem.memory.layer import DenseLayer, TierLayer
+
+ATTN_IMPLEMENTATION = "tiermem"
+LayerFactory = Callable[[LayerInfo], TierLayer]
+
+
+def _not_used(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("tiermem's attention runs inside the patched forward; this function is a registration stub")
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, _not_used)
+
+
+def _layer_for(cache: Any, info: LayerInfo, layer_factory: LayerFactory | None) -> tuple[TierLayer, bool]:
+    """The tiermem layer for this forward, and whether it was created by the policy's context manager."""
+    if cache is None:  # a plain forward without cache: attend over this forward's tokens only
+        return DenseLayer(info), False
+    layers = cache.layers
+    while len(layers) <= info.layer_idx:
+        layers.append(None)
+    layer = layers[info.layer_idx]
+    if isinstance(layer, TierLayer):
+        return layer, layer.end_context_after_prefill
+    if layer_factory is None:
+        raise RuntimeError("this cache holds no tiermem layers: build it with TierCache or run under a policy")
+    if layer is not None and layer.get_seq_length() > 0:
+        raise RuntimeError("cannot take over a cache that already holds tokens from a run without tiermem")
+    layer = layer_factory(info)
+    layer.end_context_after_prefill = True  # generate() prefills in one forward: compress right after it
+    layers[info.layer_idx] = layer
+    return layer, True
+
+
+def _attention_forward(
+    module: Any,
+    info: LayerInfo,
+    layer_factory: LayerFactory | None,
+    hidden_states: torch.Tensor,
+    position_embeddings: Any = None,
+    attention_mask: Any = None,
+    cache: Any = None,
+    past_key_values: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Replacement for ``Attention.forward`` of Llama, Mistral, Qwen2/3 and Gemma3 modules; batch size 1."""
+    batch, t, _ = hidden_states.shape
+    if batch != 1:
+        raise ValueError(f"tiermem runs batch size 1, got {batch}")
+    shape = (1, t, -1, info.head_dim)
+    q = module.q_proj(hidden_states).view(shape).transpose(1, 2)  # (1, Hq, T, D)
+    k = module.k_proj(hidden_states).view(shape).transpose(1, 2)  # (1, Hkv, T, D)
+    v = module.v_proj(hidden_states).view(shape).transpose(1, 2)
+    if hasattr(module, "q_norm"):  # Qwen3 and Gemma3 normalise queries and keys per head before RoPE
+        q, k = module.q_norm(q), module.k_norm(k)
+    layer, auto_end = _layer_for(cache if cache is not None else past_key_values, info, layer_factory)
+    out = layer.attend(q, k, v)
+    if auto_end and t > 1:
+        layer.end_context()
+    return module.o_proj(out.transpose(1, 2).reshape(1, t, -1)), None
+
+
+@contextmanager
+def patched_attention(model: PreTrainedModel, layer_factory: LayerFactory | None = None) -> Iterator[None]:
+    """Run ``model`` with tiermem's attention forward inside the block; the original forwards come back after.
+
+    With ``layer_factory`` (a policy's ``make_layer``), a cache that ``generate`` creates is taken over layer by
+    layer; without it, the cache passed to the model must be a :class:`tiermem.cache.TierCache`.
+    """
+    modules = attention_modules(model)
+    if any("forward" in vars(m) for m in modules):
+        raise RuntimeError("the model's attention is already patched (nested tiermem policies are not supported)")
+    infos = describe_layers(model)
+    previous = model.config._attn_implementation
+    try:
+        for module, info in zip(modules, infos, strict=True):
+            module.forward = partial(_attention_forward, module, info, layer_factory)
+        model.config._attn_implementation = ATTN_IMPLEMENTATION
+        yield
+    finally:
+        for module in modules:
+            vars(module).pop("forward", None)
+        model.config._attn_implementation = previous

@@ -1,0 +1,1 @@
+"""The benchmark harness: long-context tasks, sweeps with resume, tables and plots."""

@@ -1,0 +1,212 @@
+"""The ``tiermem`` command: generate, bench, demo, policies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from tiermem.errors import TiermemError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"tiermem: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def parse_tokens(text: str) -> int:
+    """``"512"`` -> 512, ``"4k"`` -> 4096, ``"1m"`` -> 1048576."""
+    raw = text.strip().lower()
+    scale = {"k": 1024, "m": 1024 * 1024}.get(raw[-1:], 1)
+    try:
+        value = int(float(raw[:-1] if scale > 1 else raw) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a token count (e.g. 512, 4k)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' must be at least 1")
+    return value
+
+
+def read_text_file(path: str, what: str = "context file") -> str:
+    """Read a UTF-8 text file, or raise a one-line :class:`TiermemError` saying what is wrong with it."""
+    file = Path(path)
+    if not file.exists():
+        raise TiermemError(f"{what} '{path}' not found")
+    if not file.is_file():
+        raise TiermemError(f"{what} '{path}' is not a regular file")
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TiermemError(
+            f"{what} '{path}' is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
+    if not text.strip():
+        raise TiermemError(f"{what} '{path}' is empty")
+    return text
+
+
+def make_policy(name: str, kv_budget: int | None, compression_ratio: float | None, options: list[str]) -> Any:
+    """Build a policy from CLI arguments; ``options`` are ``key=value`` strings for its dataclass fields."""
+    from tiermem.memory import registry
+
+    spec_name, spec_options = registry.parse_spec(name)
+    for item in options:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise TiermemError(f"bad --policy-opt '{item}': expected key=value")
+        spec_options[key.strip()] = value
+    if registry.takes_budget(spec_name):
+        if kv_budget is None and compression_ratio is None:
+            raise TiermemError(f"policy '{spec_name}' needs --kv-budget TOKENS or --compression-ratio FRACTION")
+        return registry.build(spec_name, kv_budget=kv_budget, compression_ratio=compression_ratio, **spec_options)
+    if kv_budget is not None or compression_ratio is not None:
+        raise TiermemError(f"policy '{spec_name}' keeps every token and takes no budget")
+    return registry.build(spec_name, **spec_options)
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2", help="smollm2, gemma3-270m, a local HF folder or a .gguf file")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def _add_policy_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", default="full", help="policy name, optionally with options: snapkv:window_size=64")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--kv-budget", type=parse_tokens, help="KV tokens kept per layer (e.g. 512)")
+    budget.add_argument("--compression-ratio", type=float, help="fraction of the context removed (kvpress style)")
+    parser.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE", help="a policy field")
+    parser.add_argument("--question-aware", action="store_true", help="compress context and question together")
+    parser.add_argument("--chunk-size", type=parse_tokens, default=512, help="prefill chunk size in tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tiermem", description="Run LLMs on long contexts under tiered KV-cache policies.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="answer a question about a long context under a KV policy")
+    _add_model_args(gen)
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--context-file", help="UTF-8 text file with the context")
+    source.add_argument("--context", help="the context as text")
+    gen.add_argument("--question", default="", help="question asked after the context")
+    _add_policy_args(gen)
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--prompt-style", default="auto", choices=["auto", "chat", "completion"])
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+    from tiermem.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
+
+    demo = sub.add_parser("demo", help="full vs SnapKV on one long prompt, side by side")
+    _add_model_args(demo)
+
+    sub.add_parser("policies", help="list the registered KV policies and their defaults")
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tiermem.engine import GenerationConfig, generate
+    from tiermem.models import load
+    from tiermem.prompts import build_prompt
+
+    context = read_text_file(args.context_file) if args.context_file else args.context
+    if not context or not context.strip():
+        raise TiermemError("the context is empty")
+    policy = make_policy(args.policy, args.kv_budget, args.compression_ratio, args.policy_opt)
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        chunk_size=args.chunk_size,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_strings=tuple(args.stop),
+        question_aware=args.question_aware,
+    )
+    lm = load(args.model, dtype=args.dtype)
+    prompt = build_prompt(lm, context, args.question, style=args.prompt_style)
+
+    def echo(piece: str) -> None:
+        print(piece, end="", flush=True)
+
+    result = generate(lm, prompt, policy, config, on_text=None if args.json else echo)
+    stats = result.stats
+    if args.json:
+        record = {"text": result.text, "model": args.model, "finish_reason": result.finish_reason}
+        record.update(stats.to_dict())
+        record.update({"chunk_size": config.chunk_size, "question_aware": config.question_aware, "style": prompt.style})
+        print(json.dumps(record))
+    else:
+        print()
+        print(
+            f"[{policy.name}] prompt {stats.prompt_tokens} tok, KV kept {stats.kv_tokens} tok, "
+            f"KV peak {stats.kv_bytes_peak / 2**20:.1f} MiB, prefill {stats.prefill_seconds:.2f} s, "
+            f"decode {stats.decode_tokens_per_second:.1f} tok/s, peak RSS {stats.peak_rss_bytes / 2**20:.0f} MiB",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_policies(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from tiermem.memory.registry import REGISTRY
+
+    for name, entry in REGISTRY.items():
+        fields = [f for f in dataclasses.fields(entry.cls) if f.name not in ("kv_budget", "compression_ratio")]
+        defaults = {f.name: entry.defaults.get(f.name, f.default) for f in fields}
+        shown = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
+        print(f"{name:14s} {entry.summary}\n{'':14s} {shown or '(no options)'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    commands = {"generate": cmd_generate, "policies": cmd_policies}
+    try:
+        if args.command == "bench":
+            from tiermem.bench.cli import cmd_bench
+
+            return cmd_bench(args)
+        if args.command == "demo":
+            from tiermem.demo import cmd_demo
+
+            return cmd_demo(args)
+        return commands[args.command](args)
+    except TiermemError as exc:
+        print(f"tiermem: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("tiermem: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal error: one line unless asked for the traceback
+        if os.environ.get("TIERMEM_DEBUG"):
+            raise
+        print(
+            f"tiermem: internal error: {type(exc).__name__}: {exc} (TIERMEM_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

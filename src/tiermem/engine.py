@@ -1,0 +1,182 @@
+"""Prefill, decode and generate as small functions over a model, a :class:`TierCache` and a policy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+
+from tiermem.attention import patched_attention
+from tiermem.cache import TierCache
+from tiermem.errors import TiermemError
+from tiermem.memory.base import Policy
+from tiermem.models import LoadedModel
+from tiermem.prompts import Prompt
+from tiermem.stats import Stats, Stopwatch, peak_rss_bytes, reset_peak_rss
+
+
+@dataclass
+class GenerationConfig:
+    """How to generate. ``temperature=0`` is greedy; otherwise sample with nucleus ``top_p`` from ``seed``.
+
+    ``question_aware=False`` (default) compresses the context before the question is read, as kvpress does;
+    ``True`` compresses context and question together, SnapKV's own setting (the question steers the selection).
+    """
+
+    max_new_tokens: int = 32
+    chunk_size: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_strings: tuple[str, ...] = ()
+    question_aware: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise TiermemError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
+        if self.chunk_size < 1:
+            raise TiermemError(f"chunk size must be at least 1, got {self.chunk_size}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise TiermemError("temperature must be >= 0 and top_p in (0, 1]")
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos", "stop" (a stop string) or "length"
+    stats: Stats = field(repr=False)
+
+
+def forward(model: PreTrainedModel, cache: TierCache, ids: torch.Tensor) -> torch.Tensor:
+    """Run ``ids`` (1, T) through the model; return the next-token logits (vocab,) of the last position."""
+    start = cache.get_seq_length()
+    positions = torch.arange(start, start + ids.shape[1]).unsqueeze(0)
+    out = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[0, -1].float()
+
+
+def prefill(model: PreTrainedModel, cache: TierCache, ids: torch.Tensor, chunk_size: int) -> torch.Tensor | None:
+    """Feed ``ids`` (1, T) in chunks of ``chunk_size``; peak activation memory follows the chunk, not T."""
+    logits = None
+    for chunk in ids.split(chunk_size, dim=1):
+        logits = forward(model, cache, chunk)
+    return logits
+
+
+def sample(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator) -> int:
+    """Greedy at temperature 0, else temperature plus nucleus (top-p) sampling."""
+    if config.temperature == 0:
+        return int(logits.argmax())
+    probs = (logits / config.temperature).softmax(dim=-1)
+    if config.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > config.top_p  # keep the smallest set reaching top_p
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs.masked_fill(outside, 0.0))
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def stop_token_ids(lm: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    for source in (lm.model.generation_config.eos_token_id, lm.tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(int(i) for i in source)
+    return ids
+
+
+class TextStream:
+    """Decodes new tokens to text as they come, holding back an incomplete multi-byte character."""
+
+    def __init__(self, lm: LoadedModel, on_text: Callable[[str], None] | None):
+        self.tokenizer = lm.tokenizer
+        self.on_text = on_text
+        self.emitted = 0
+
+    def text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, ids: list[int]) -> str:
+        text = self.text(ids)
+        if self.on_text is not None and not text.endswith("\ufffd") and len(text) > self.emitted:
+            self.on_text(text[self.emitted :])
+            self.emitted = len(text)
+        return text
+
+    def flush(self, text: str) -> None:
+        if self.on_text is not None and len(text) > self.emitted:
+            self.on_text(text[self.emitted :])
+            self.emitted = len(text)
+
+
+def generate(
+    lm: LoadedModel,
+    prompt: Prompt,
+    policy: Policy,
+    config: GenerationConfig | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> Result:
+    """Answer ``prompt`` under ``policy``: prefill the context in chunks, let the policy compress it, read the
+    question, then decode. ``on_text`` receives the answer's text piece by piece as it is generated."""
+    config = config or GenerationConfig()
+    context, question = prompt.context_ids, prompt.question_ids
+    if config.question_aware:
+        context, question = torch.cat([context, question], dim=1), question[:, :0]
+    total = prompt.num_tokens + config.max_new_tokens
+    policy.check(context.shape[1], total, lm.max_positions)
+    if prompt.num_tokens == 0:
+        raise TiermemError("the prompt is empty")
+
+    stats = Stats(
+        policy=repr(policy),
+        prompt_tokens=prompt.num_tokens,
+        context_tokens=context.shape[1],
+        question_tokens=question.shape[1],
+    )
+    cache = TierCache(lm.model, policy)
+    cache.plan(context.shape[1], total)
+    generator = torch.Generator().manual_seed(config.seed)
+    stops = stop_token_ids(lm)
+    stream = TextStream(lm, on_text)
+    prefill_clock, decode_clock = Stopwatch(), Stopwatch()
+    reset_peak_rss()
+
+    with torch.inference_mode(), patched_attention(lm.model):
+        with prefill_clock:
+            logits = prefill(lm.model, cache, context, config.chunk_size)
+            cache.end_context()
+            stats.kv_tokens = cache.kv_tokens()
+            if question.shape[1]:
+                logits = prefill(lm.model, cache, question, config.chunk_size)
+        assert logits is not None
+        ids: list[int] = []
+        finish, text = "length", ""
+        while True:
+            token = sample(logits, config, generator)
+            if token in stops:
+                finish = "eos"
+                break
+            ids.append(token)
+            text = stream.push(ids)
+            hit = [s for s in config.stop_strings if s in text]
+            if hit:
+                text, finish = text[: min(text.index(s) for s in hit)], "stop"
+                break
+            if len(ids) >= config.max_new_tokens:
+                break
+            with decode_clock:
+                logits = forward(lm.model, cache, torch.tensor([[token]]))
+            stats.decode_steps += 1
+
+    text = text if finish == "stop" else stream.text(ids)
+    stream.flush(text)
+    stats.new_tokens = len(ids)
+    stats.kv_bytes_peak = cache.kv_bytes_peak()
+    stats.kv_bytes_decode = cache.kv_bytes()
+    stats.peak_rss_bytes = peak_rss_bytes()
+    stats.prefill_seconds = prefill_clock.seconds
+    stats.decode_seconds = decode_clock.seconds
+    return Result(text=text, token_ids=ids, finish_reason=finish, stats=stats)

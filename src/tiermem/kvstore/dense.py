@@ -1,0 +1,87 @@
+"""A growable block of keys, values and positions for one layer: the hot tier."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVBuffer:
+    """Keys, values and original positions of the tokens one layer keeps, in one preallocated block.
+
+    Shapes: ``keys`` and ``values`` (1, H, capacity, D); ``positions`` (H, capacity) int64. Attention reads the used
+    prefix ``[:length]``. Appends grow the block geometrically (x1.25, at least ``min_growth`` tokens), so a token is
+    copied a bounded number of times, unlike ``torch.cat`` per step which copies the whole cache every token.
+    :meth:`reserve` sizes the block exactly when the final length is known. :meth:`keep` compacts the kept tokens to
+    the front, and can resize the block (a compressed prompt should give its full-size block back).
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, dtype: torch.dtype, min_growth: int = 64):
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.min_growth = min_growth
+        self.length = 0
+        self.keys = torch.empty(1, num_heads, 0, head_dim, dtype=dtype)
+        self.values = torch.empty(1, num_heads, 0, head_dim, dtype=dtype)
+        self.positions = torch.empty(num_heads, 0, dtype=torch.long)
+        self.peak_nbytes = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated (not just used) for keys, values and positions."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))
+
+    def _reallocate(self, capacity: int) -> None:
+        keys = torch.empty(1, self.num_heads, capacity, self.head_dim, dtype=self.dtype)
+        values = torch.empty_like(keys)
+        positions = torch.empty(self.num_heads, capacity, dtype=torch.long)
+        n = self.length
+        keys[:, :, :n] = self.keys[:, :, :n]
+        values[:, :, :n] = self.values[:, :, :n]
+        positions[:, :n] = self.positions[:, :n]
+        self.keys, self.values, self.positions = keys, values, positions
+        self.peak_nbytes = max(self.peak_nbytes, self.nbytes)
+
+    def reserve(self, tokens: int) -> None:
+        """Make room for ``tokens`` tokens in total without further reallocation."""
+        if tokens > self.capacity:
+            self._reallocate(tokens)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Add T tokens: ``keys``/``values`` (1, H, T, D), ``positions`` (T,) shared by all heads, or (H, T)."""
+        t = keys.shape[2]
+        needed = self.length + t
+        if needed > self.capacity:
+            self._reallocate(max(needed, int(self.capacity * 1.25), self.capacity + self.min_growth))
+        end = self.length + t
+        self.keys[:, :, self.length : end] = keys
+        self.values[:, :, self.length : end] = values
+        self.positions[:, self.length : end] = positions
+        self.length = end
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kept tokens: keys and values (1, H, length, D), positions (H, length)."""
+        n = self.length
+        return self.keys[:, :, :n], self.values[:, :, :n], self.positions[:, :n]
+
+    def keep(self, index: torch.Tensor, capacity: int | None = None) -> None:
+        """Keep only the tokens at slots ``index``, in that order: (n,) for all heads alike, or (H, n) per head.
+
+        With ``capacity``, the block is reallocated to that many slots (at least the kept count).
+        """
+        keys, values, positions = self.view()
+        if index.dim() == 1:
+            kept = (keys.index_select(2, index), values.index_select(2, index), positions.index_select(1, index))
+        else:
+            gather = index[None, :, :, None].expand(1, -1, -1, self.head_dim)
+            kept = (keys.gather(2, gather), values.gather(2, gather), positions.gather(1, index))
+        n = kept[0].shape[2]
+        self.length = 0
+        if capacity is not None and max(capacity, n) != self.capacity:
+            self._reallocate(max(capacity, n))
+        self.keys[:, :, :n], self.values[:, :, :n], self.positions[:, :n] = kept
+        self.length = n

