@@ -104,8 +104,21 @@ def _converted_dir(gguf: Path) -> Path:
     return cache_root() / "models" / f"{gguf.stem}-{_fingerprint(gguf)}-tf{transformers.__version__}"
 
 
+def _check_gguf(path: Path) -> None:
+    """Parse the GGUF header and tensor table; a corrupt or truncated file fails here, before any conversion."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(str(path))
+    except Exception as exc:  # the reader raises ValueError, struct errors or IndexError on damaged files
+        raise TiermemError(
+            f"cannot read GGUF file {path}: corrupt or truncated ({type(exc).__name__}: {exc})"
+        ) from None
+
+
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize a GGUF file with transformers and save it as a safetensors folder, atomically."""
+    _check_gguf(gguf)
     print(f"tiermem: converting {gguf.name} to safetensors once (this takes a while)...", file=sys.stderr)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

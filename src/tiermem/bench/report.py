@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 MIB = 2**20
+
+
+def _slug(name: str) -> str:
+    """A file-name-safe form of a model name (a local folder is named by its last part)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name or name).strip("_") or "model"
 
 
 def _policy_order(label: str) -> tuple[int, str, int]:
@@ -150,7 +156,7 @@ def plot_heatmaps(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         mode = "question-aware" if aware else "question-agnostic"
         fig.suptitle(f"{model} · {task} · {mode}: accuracy %", fontsize=10)
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
-        path = out_dir / f"heatmap_{model}_{task}{'_qa' if aware else ''}.png"
+        path = out_dir / f"heatmap_{_slug(model)}_{task}{'_qa' if aware else ''}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
@@ -197,7 +203,7 @@ def plot_accuracy_vs_memory(records: list[dict[str, Any]], out_dir: Path) -> lis
         ax.legend(fontsize=7, ncol=2)
         ax.set_title(f"{model}: accuracy against KV memory")
         fig.tight_layout()
-        path = out_dir / f"accuracy_vs_memory_{model}.png"
+        path = out_dir / f"accuracy_vs_memory_{_slug(model)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)

@@ -142,6 +142,10 @@ def run_one(lm: LoadedModel, sample: Sample, run: Run, config: BenchConfig) -> d
 def run_bench(config: BenchConfig, out_dir: Path) -> list[dict[str, Any]]:
     """Run the sweep, appending rows to ``out_dir/results.jsonl``; rows already there are not measured again."""
     runs = validate(config)
+    results = out_dir / RESULTS_FILE
+    if results.exists() and not results.read_bytes().endswith(b"\n"):
+        with results.open("a", encoding="utf-8") as handle:
+            handle.write("\n")  # end the line an interrupted run cut short, so the next row starts clean
     done = {row_key(r) for r in load_rows(out_dir)}
     per_model = len(config.tasks) * len(config.lengths) * len(config.depths) * config.samples * len(runs)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -169,7 +173,7 @@ def run_bench(config: BenchConfig, out_dir: Path) -> list[dict[str, Any]]:
                         continue
                     row = run_one(lm, sample, run, config)
                     out_dir.mkdir(parents=True, exist_ok=True)
-                    with (out_dir / RESULTS_FILE).open("a", encoding="utf-8") as handle:
+                    with results.open("a", encoding="utf-8") as handle:
                         handle.write(json.dumps(row) + "\n")
                     done.add(row_key(row))
                     progress.advance(bar)

@@ -144,7 +144,7 @@ def _fill(pieces: list[str], budget: int, count: _Counter) -> list[str]:
     out: list[str] = []
     used = 0
     i = 0
-    while used < budget:
+    while used < budget or not out:
         piece = pieces[i % len(pieces)]
         out.append(piece)
         used += count(piece)
@@ -164,8 +164,9 @@ def _key(rng: random.Random) -> str:
     return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
 
 
-# Prompt scaffolding (intro, question, chat template) that the filler budget leaves room for.
-_OVERHEAD_TOKENS = 96
+# Room left for the chat template's own tokens (role headers, special tokens).
+_TEMPLATE_TOKENS = 32
+_MIN_LENGTH = 128
 
 
 Built = tuple[str, str, str, tuple[str, ...]]  # context, question, answer prefix, references
@@ -174,8 +175,10 @@ Built = tuple[str, str, str, tuple[str, ...]]  # context, question, answer prefi
 def _passkey(rng: random.Random, length: int, depth: float, count: _Counter) -> Built:
     key = str(rng.randint(10000, 99999))
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    filler = _fill([PASSKEY_FILLER], length - _OVERHEAD_TOKENS - count(needle), count)
-    return PASSKEY_INTRO + _insert(filler, [(depth, needle)]), "What is the pass key?", "The pass key is", (key,)
+    question, prefix = "What is the pass key?", "The pass key is"
+    overhead = sum(map(count, (PASSKEY_INTRO, needle, question, prefix))) + _TEMPLATE_TOKENS
+    filler = _fill([PASSKEY_FILLER], length - overhead, count)
+    return PASSKEY_INTRO + _insert(filler, [(depth, needle)]), question, prefix, (key,)
 
 
 def _needles(rng: random.Random, length: int, depth: float, count: _Counter, distractors: int) -> Built:
@@ -187,10 +190,10 @@ def _needles(rng: random.Random, length: int, depth: float, count: _Counter, dis
     values = [str(rng.randint(1_000_000, 9_999_999)) for _ in keys]
     needles = [f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values, strict=True)]
     placed = [(depth, needles[0])] + [(rng.random(), n) for n in needles[1:]]
-    budget = length - _OVERHEAD_TOKENS - sum(count(n) for n in needles)
-    prose = _fill(prose_sentences(rng.randrange(1000)), budget, count)
     question = f"What is the special magic number for {keys[0]} mentioned in the provided text?"
     prefix = f"The special magic number for {keys[0]} mentioned in the provided text is"
+    overhead = sum(map(count, (NEEDLE_INTRO, question, prefix, *needles))) + _TEMPLATE_TOKENS
+    prose = _fill(prose_sentences(rng.randrange(1000)), length - overhead, count)
     return NEEDLE_INTRO + _insert(prose, placed), question, prefix, (values[0],)
 
 
@@ -207,8 +210,8 @@ def make_sample(
         raise TiermemError(f"unknown task '{task}': use one of {', '.join(TASKS)}")
     if not 0.0 <= depth <= 1.0:
         raise TiermemError(f"depth must be in [0, 1], got {depth}")
-    if length < 2 * _OVERHEAD_TOKENS:
-        raise TiermemError(f"length {length} is too short for a task prompt (at least {2 * _OVERHEAD_TOKENS} tokens)")
+    if length < _MIN_LENGTH:
+        raise TiermemError(f"length {length} is too short for a task prompt (at least {_MIN_LENGTH} tokens)")
     rng = random.Random(f"{seed}/{task}/{length}/{depth}/{index}")
     context, question, prefix, answers = builders[task](rng, length, depth, _Counter(tokenizer))
     return Sample(task, length, depth, index, context, question, prefix, answers)

@@ -80,7 +80,7 @@ def snapkv_scores(
     _, hq, w, d = window_queries.shape
     _, hkv, s, _ = keys.shape
     group = hq // hkv
-    logits = window_queries.view(1, hkv, group * w, d) @ keys.transpose(-1, -2) * scaling  # (1, Hkv, G*w, S)
+    logits = window_queries.reshape(1, hkv, group * w, d) @ keys.transpose(-1, -2) * scaling  # (1, Hkv, G*w, S)
     logits = logits.view(1, hkv, group, w, s)
     future = torch.ones(w, s, dtype=torch.bool).triu(diagonal=s - w + 1)  # window query i is at position s - w + i
     probs = logits.masked_fill(future, float("-inf")).softmax(dim=-1, dtype=torch.float32)
@@ -117,7 +117,7 @@ class SnapKVLayer(DenseLayer):
         if self.compressed:
             return
         recent = rotated_q if self.window_queries is None else torch.cat([self.window_queries, rotated_q], dim=2)
-        self.window_queries = recent[:, :, -self.policy.window_size :].clone()
+        self.window_queries = recent[:, :, -self.policy.window_size :].clone(memory_format=torch.contiguous_format)
 
     def end_context(self) -> None:
         if self.compressed:
