@@ -81,6 +81,12 @@ def test_generate_streams_text(capsys, tiny_model_dir: Path) -> None:
         (["--policy", "snapkv", "--kv-budget", "64", "--policy-opt", "colour=red"], "no option 'colour'"),
         (["--policy", "streaming", "--compression-ratio", "1.5"], "compression ratio"),
         (["--kv-budget", "lots"], "not a token count"),
+        (["--policy", "infllm", "--kv-memory", "1KB"], "below what policy 'infllm' holds in RAM"),
+        (["--kv-memory", "1KB"], "below what policy 'full' holds in RAM"),
+        (["--policy", "infllm", "--kv-memory", "1GB", "--kv-store", "ram"], "needs the disk store"),
+        (["--kv-memory", "lots"], "not a size"),
+        (["--policy", "infllm", "--kv-dir", "/no/such/dir"], "does not exist"),
+        (["--policy", "emllm:refinement=spectral"], "refinement"),
         (["--max-new-tokens", "0"], "max new tokens"),
     ],
 )
@@ -124,6 +130,22 @@ def smollm2_gguf_head(n: int) -> bytes:
 
     with BUNDLED["smollm2"].locate().open("rb") as handle:
         return handle.read(n)
+
+
+def test_block_memory_reads_past_the_window_within_a_memory_limit(capsys, tiny_model_dir: Path, tmp_path: Path) -> None:
+    long = tmp_path / "long.txt"
+    long.write_text("The quick brown fox jumps over the lazy dog. " * 300)  # > 1024 positions of the tiny model
+    policy = "infllm:n_init=4,n_local=64,block_size=16,topk=4,exc_block_size=32"
+    code, out, err = run_cli(
+        capsys, "generate", "--model", str(tiny_model_dir), "--context-file", str(long), "--question", "Who?",
+        "--policy", policy, "--kv-memory", "2MB", "--kv-dir", str(tmp_path), "--max-new-tokens", "3", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["prompt_tokens"] > 1024
+    assert record["extra"]["kv_disk_bytes"] > 0
+    assert record["kv_bytes_peak"] <= 2 * 2**20
+    assert [p.name for p in tmp_path.iterdir()] == ["long.txt"]  # the store's folder is gone
 
 
 def test_corrupt_gguf(capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,11 +4,12 @@ import pytest
 
 from tiermem.errors import TiermemError
 from tiermem.memory import REGISTRY, SnapKV, build, parse_spec
+from tiermem.memory.registry import takes_budget
 
 
 def test_every_policy_builds_and_its_repr_is_a_recipe() -> None:
     for name in REGISTRY:
-        policy = build(name) if name == "full" else build(name, kv_budget=256)
+        policy = build(name, kv_budget=256) if takes_budget(name) else build(name)
         rebuilt = eval(repr(policy), {cls.__name__: cls for cls in {e.cls for e in REGISTRY.values()}})
         assert rebuilt == policy
 

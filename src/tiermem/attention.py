@@ -79,6 +79,7 @@ def _attention_forward(
     out = layer.attend(q, k, v)
     if auto_end and t > 1:
         layer.end_context()
+    layer.report()
     return module.o_proj(out.transpose(1, 2).reshape(1, t, -1)), None
 
 

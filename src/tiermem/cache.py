@@ -2,21 +2,75 @@
 
 from __future__ import annotations
 
+import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
-from tiermem.layer_info import describe_layers
+from tiermem.errors import TiermemError
+from tiermem.kvstore.blocks import BlockStore, StoreConfig
+from tiermem.kvstore.meter import MemoryMeter
+from tiermem.layer_info import LayerInfo, describe_layers
 from tiermem.memory.base import Policy
 from tiermem.memory.layer import TierLayer
 
 
-class TierCache(Cache):
-    """One :class:`TierLayer` per attention layer, built by ``policy``. Pass it to the model as ``cache=``."""
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
-    def __init__(self, model: PreTrainedModel, policy: Policy):
+
+def hot_bytes(policy: Policy, infos: list[LayerInfo], context_tokens: int, total_tokens: int) -> int:
+    """Most KV bytes the policy holds in RAM outside the block store for this run, over all layers."""
+    return sum(policy.peak_bytes(i, context_tokens, total_tokens) for i in infos)
+
+
+def store_for(
+    policy: Policy,
+    infos: list[LayerInfo],
+    context_tokens: int,
+    total_tokens: int,
+    kv_memory: int | None,
+    backend: str = "auto",
+    folder: str | None = None,
+) -> StoreConfig:
+    """Where evicted blocks go. Under a ``kv_memory`` limit the hot set must fit, checked before any compute;
+    the warm tier then gets what the hot set leaves free (enforced as the run goes, by the cache's meter).
+
+    ``backend="auto"`` keeps blocks in RAM without a limit and on disk with one.
+    """
+    if backend == "auto":
+        backend = "disk" if kv_memory is not None else "ram"
+    if kv_memory is not None and backend == "ram":
+        raise TiermemError("a KV memory limit needs the disk store for what does not fit (--kv-store disk)")
+    if kv_memory is not None:
+        needed = hot_bytes(policy, infos, context_tokens, total_tokens)
+        if needed > kv_memory:
+            raise TiermemError(
+                f"KV memory limit {format_bytes(kv_memory)} is below what policy '{policy.name}' holds in RAM for "
+                f"this prompt: {format_bytes(needed)} ({policy.hot_set})"
+            )
+    return StoreConfig(backend=backend, folder=folder)
+
+
+class TierCache(Cache):
+    """One :class:`TierLayer` per attention layer, built by ``policy``. Pass it to the model as ``cache=``.
+
+    Blocks that block-memory policies evict go to a :class:`BlockStore` (``store``; RAM by default). Call
+    :meth:`close` when done: it removes the store's files.
+    """
+
+    def __init__(
+        self, model: PreTrainedModel, policy: Policy, store: StoreConfig | None = None, kv_memory: int | None = None
+    ):
         self.policy = policy
         self.infos = describe_layers(model)
         self.tier_layers: list[TierLayer] = [policy.make_layer(info) for info in self.infos]
+        self.meter = MemoryMeter(kv_memory)
+        self.store = BlockStore(store or StoreConfig(), model.dtype, self.meter)
+        policy.setup(self.tier_layers, self.store)
         super().__init__(layers=list(self.tier_layers))
 
     def plan(self, context_tokens: int, total_tokens: int) -> None:
@@ -27,14 +81,23 @@ class TierCache(Cache):
     def end_context(self) -> None:
         for layer in self.tier_layers:
             layer.end_context()
+            layer.report()
+
+    def observe_surprise(self, surprise: torch.Tensor) -> None:
+        """The surprise (T,) of the tokens of the last forward, for policies that segment by it (EM-LLM)."""
+        self.policy.observe_surprise(self.tier_layers, surprise)
 
     def kv_tokens(self) -> int:
-        """Tokens held by the largest layer."""
+        """Tokens held in RAM by the largest layer, outside the block store."""
         return max(layer.kv_tokens() for layer in self.tier_layers)
 
     def kv_bytes(self) -> int:
-        return sum(layer.kv_bytes() for layer in self.tier_layers)
+        """KV bytes in RAM now: every layer's hot set plus the block store's RAM tier."""
+        return sum(layer.kv_bytes() for layer in self.tier_layers) + self.store.ram_bytes
 
     def kv_bytes_peak(self) -> int:
-        """Sum of per-layer peaks: an upper bound on the peak of the sum (exact when layers peak together)."""
-        return sum(layer.kv_bytes_peak() for layer in self.tier_layers)
+        """Peak of the total KV bytes in RAM, as reported after every forward and compression."""
+        return max(self.meter.peak, self.kv_bytes())
+
+    def close(self) -> None:
+        self.store.close()

@@ -35,6 +35,35 @@ def parse_tokens(text: str) -> int:
     return value
 
 
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 2**10,
+    "kb": 2**10,
+    "kib": 2**10,
+    "m": 2**20,
+    "mb": 2**20,
+    "mib": 2**20,
+    "g": 2**30,
+    "gb": 2**30,
+    "gib": 2**30,
+}
+
+
+def parse_size(text: str) -> int:
+    """``"512MB"`` -> 536870912. Units are binary: 1 KB = 1 KiB = 1024 bytes, likewise MB and GB."""
+    raw = text.strip().lower().replace(" ", "")
+    number = raw.rstrip("kmgib")
+    unit = raw[len(number) :]
+    try:
+        value = float(number) * _SIZE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size (e.g. 512MB, 2GB)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' must be positive")
+    return int(value)
+
+
 def read_text_file(path: str, what: str = "context file") -> str:
     """Read a UTF-8 text file, or raise a one-line :class:`TiermemError` saying what is wrong with it."""
     file = Path(path)
@@ -86,6 +115,9 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE", help="a policy field")
     parser.add_argument("--question-aware", action="store_true", help="compress context and question together")
     parser.add_argument("--chunk-size", type=parse_tokens, default=512, help="prefill chunk size in tokens")
+    parser.add_argument("--kv-memory", type=parse_size, help="KV bytes held in RAM at most, e.g. 512MB (rest on disk)")
+    parser.add_argument("--kv-store", default="auto", choices=["auto", "ram", "disk"], help="where evicted blocks live")
+    parser.add_argument("--kv-dir", help="folder for the disk store's temporary files (default: system temp)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,7 +167,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop_strings=tuple(args.stop),
         question_aware=args.question_aware,
+        kv_memory=args.kv_memory,
+        kv_store=args.kv_store,
+        kv_dir=args.kv_dir,
     )
+    if args.kv_dir and not Path(args.kv_dir).is_dir():
+        raise TiermemError(f"KV store folder '{args.kv_dir}' does not exist")
     lm = load(args.model, dtype=args.dtype)
     prompt = build_prompt(lm, context, args.question, style=args.prompt_style)
 

@@ -9,8 +9,9 @@ import torch
 from transformers import PreTrainedModel
 
 from tiermem.attention import patched_attention
-from tiermem.cache import TierCache
+from tiermem.cache import TierCache, store_for
 from tiermem.errors import TiermemError
+from tiermem.layer_info import describe_layers
 from tiermem.memory.base import Policy
 from tiermem.models import LoadedModel
 from tiermem.prompts import Prompt
@@ -32,6 +33,10 @@ class GenerationConfig:
     seed: int = 0
     stop_strings: tuple[str, ...] = ()
     question_aware: bool = False
+    stop_on_eos: bool = True  # benchmarks set False to time exactly max_new_tokens
+    kv_memory: int | None = None  # bytes of KV the run may hold in RAM; the rest goes to the disk store
+    kv_store: str = "auto"  # "ram", "disk", or "auto" (disk when kv_memory is set)
+    kv_dir: str | None = None  # parent folder of the disk store's temporary folder
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -40,6 +45,8 @@ class GenerationConfig:
             raise TiermemError(f"chunk size must be at least 1, got {self.chunk_size}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise TiermemError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.kv_memory is not None and self.kv_memory < 1:
+            raise TiermemError("the KV memory limit must be positive")
 
 
 @dataclass
@@ -50,19 +57,43 @@ class Result:
     stats: Stats = field(repr=False)
 
 
-def forward(model: PreTrainedModel, cache: TierCache, ids: torch.Tensor) -> torch.Tensor:
-    """Run ``ids`` (1, T) through the model; return the next-token logits (vocab,) of the last position."""
+def forward(model: PreTrainedModel, cache: TierCache, ids: torch.Tensor, every_position: bool = False) -> torch.Tensor:
+    """Run ``ids`` (1, T) through the model; return the next-token logits of the last position (vocab,), or of
+    every position (T, vocab) with ``every_position``."""
     start = cache.get_seq_length()
     positions = torch.arange(start, start + ids.shape[1]).unsqueeze(0)
-    out = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[0, -1].float()
+    keep = 0 if every_position else 1
+    out = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=keep)
+    return out.logits[0].float() if every_position else out.logits[0, -1].float()
 
 
-def prefill(model: PreTrainedModel, cache: TierCache, ids: torch.Tensor, chunk_size: int) -> torch.Tensor | None:
-    """Feed ``ids`` (1, T) in chunks of ``chunk_size``; peak activation memory follows the chunk, not T."""
-    logits = None
+def surprise(previous: torch.Tensor | None, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """-log p(token | prefix) of each token of ``ids`` (T,), from the logits before it.
+
+    ``previous`` (vocab,) predicted the first token (None at the start of the text: surprise 0); ``logits`` (T, vocab)
+    are this chunk's, so row i predicts token i + 1.
+    """
+    predictors = logits[:-1] if previous is None else torch.cat([previous[None], logits[:-1]])
+    targets = ids[1:] if previous is None else ids
+    values = torch.logsumexp(predictors, dim=-1) - predictors.gather(1, targets[:, None])[:, 0]
+    return values if previous is not None else torch.cat([torch.zeros(1), values])
+
+
+def prefill(
+    model: PreTrainedModel, cache: TierCache, ids: torch.Tensor, chunk_size: int, previous: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Feed ``ids`` (1, T) in chunks of ``chunk_size``; peak activation memory follows the chunk, not T.
+
+    For policies that need it, each chunk's surprise goes to the cache (``previous``: the logits before ``ids``).
+    """
+    logits = previous
     for chunk in ids.split(chunk_size, dim=1):
-        logits = forward(model, cache, chunk)
+        if cache.policy.needs_surprise:
+            every = forward(model, cache, chunk, every_position=True)
+            cache.observe_surprise(surprise(logits, every, chunk[0]))
+            logits = every[-1]
+        else:
+            logits = forward(model, cache, chunk)
     return logits
 
 
@@ -136,7 +167,26 @@ def generate(
         context_tokens=context.shape[1],
         question_tokens=question.shape[1],
     )
-    cache = TierCache(lm.model, policy)
+    infos = describe_layers(lm.model)
+    store = store_for(policy, infos, context.shape[1], total, config.kv_memory, config.kv_store, config.kv_dir)
+    cache = TierCache(lm.model, policy, store, config.kv_memory)
+    try:
+        return _run(lm, cache, context, question, config, stats, on_text)
+    finally:
+        cache.close()
+
+
+def _run(
+    lm: LoadedModel,
+    cache: TierCache,
+    context: torch.Tensor,
+    question: torch.Tensor,
+    config: GenerationConfig,
+    stats: Stats,
+    on_text: Callable[[str], None] | None,
+) -> Result:
+    """Prefill, compress, read the question and decode (the body of :func:`generate`)."""
+    total = context.shape[1] + question.shape[1] + config.max_new_tokens
     cache.plan(context.shape[1], total)
     generator = torch.Generator().manual_seed(config.seed)
     stops = stop_token_ids(lm)
@@ -150,13 +200,13 @@ def generate(
             cache.end_context()
             stats.kv_tokens = cache.kv_tokens()
             if question.shape[1]:
-                logits = prefill(lm.model, cache, question, config.chunk_size)
+                logits = prefill(lm.model, cache, question, config.chunk_size, logits)
         assert logits is not None
         ids: list[int] = []
         finish, text = "length", ""
         while True:
             token = sample(logits, config, generator)
-            if token in stops:
+            if token in stops and config.stop_on_eos:
                 finish = "eos"
                 break
             ids.append(token)
@@ -168,6 +218,8 @@ def generate(
             if len(ids) >= config.max_new_tokens:
                 break
             with decode_clock:
+                if cache.policy.needs_surprise:  # the generated token's own surprise
+                    cache.observe_surprise((torch.logsumexp(logits, dim=-1) - logits[token]).reshape(1))
                 logits = forward(lm.model, cache, torch.tensor([[token]]))
             stats.decode_steps += 1
 
@@ -179,4 +231,5 @@ def generate(
     stats.peak_rss_bytes = peak_rss_bytes()
     stats.prefill_seconds = prefill_clock.seconds
     stats.decode_seconds = decode_clock.seconds
+    stats.extra.update({"kv_disk_bytes": cache.store.disk_bytes, "kv_disk_reads": cache.store.reads})
     return Result(text=text, token_ids=ids, finish_reason=finish, stats=stats)

@@ -1,16 +1,22 @@
-"""Rotary position embeddings computed from the model's own rotary module, at any positions we choose.
+"""Rotary position embeddings at any positions we choose, from the model's own RoPE parameters.
 
-Policies decide which positions a token is rotated at (its original index, its slot in the cache, or one fixed
+Policies decide which position a token is rotated at (its original index, its slot in the cache, or one fixed
 distance for retrieved memory), so tiermem rotates queries and keys itself instead of using the cos/sin tables the
 model computed for its own position ids.
+
+Angles are computed in float64: transformers computes ``position * inv_freq`` in float32, whose rounding at position
+100k is about 0.01 rad, and block-memory policies rotate and un-rotate keys at positions far past the trained window.
 """
 
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
-from torch import nn
+
+# RoPE types whose frequencies depend on the sequence length at run time: ask the module itself.
+_DYNAMIC_TYPES = ("dynamic", "longrope")
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -23,25 +29,39 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def unapply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The inverse rotation of :func:`apply_rope` (rotating by minus the angles)."""
+    return x * cos - rotate_half(x) * sin
+
+
 class Rope:
     """cos/sin tables of one RoPE flavour of a model (Gemma3 has one for local and one for global layers).
 
     ``cos_sin_range`` memoizes its last answer: every layer of one forward asks for the same range.
     """
 
-    def __init__(self, rotary_emb: nn.Module, layer_type: str | None, dtype: torch.dtype):
+    def __init__(self, rotary_emb: Any, layer_type: str | None, dtype: torch.dtype):
         self.rotary_emb = rotary_emb
         self.dtype = dtype
-        self._kwargs = {}
-        if layer_type is not None and "layer_type" in inspect.signature(rotary_emb.forward).parameters:
-            self._kwargs["layer_type"] = layer_type
+        per_type = "layer_type" in inspect.signature(rotary_emb.forward).parameters
+        self._kwargs = {"layer_type": layer_type} if per_type and layer_type is not None else {}
+        prefix = f"{layer_type}_" if self._kwargs else ""
+        rope_type = rotary_emb.rope_type[layer_type] if self._kwargs else rotary_emb.rope_type
+        self.inv_freq: torch.Tensor | None = None
+        if rope_type not in _DYNAMIC_TYPES:
+            self.inv_freq = getattr(rotary_emb, f"{prefix}inv_freq").double()
+            self.scaling = float(getattr(rotary_emb, f"{prefix}attention_scaling"))
         self._last: tuple[int, int, torch.Tensor, torch.Tensor] | None = None
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables for integer ``positions`` (T,): two tensors (T, head_dim)."""
-        probe = torch.empty(0, dtype=self.dtype, device=positions.device)
-        cos, sin = self.rotary_emb(probe, positions.view(1, -1), **self._kwargs)
-        return cos[0], sin[0]
+        if self.inv_freq is None:
+            probe = torch.empty(0, dtype=self.dtype, device=positions.device)
+            cos, sin = self.rotary_emb(probe, positions.view(1, -1), **self._kwargs)
+            return cos[0], sin[0]
+        freqs = positions.double()[:, None] * self.inv_freq[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return (angles.cos() * self.scaling).to(self.dtype), (angles.sin() * self.scaling).to(self.dtype)
 
     def cos_sin_range(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables for positions ``start .. start+length-1``."""

@@ -15,7 +15,7 @@ class KVBuffer:
     the front, and can resize the block (a compressed prompt should give its full-size block back).
     """
 
-    def __init__(self, num_heads: int, head_dim: int, dtype: torch.dtype, min_growth: int = 64):
+    def __init__(self, num_heads: int, head_dim: int, dtype: torch.dtype, min_growth: int = 64, score_rows: int = 0):
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.dtype = dtype
@@ -24,6 +24,8 @@ class KVBuffer:
         self.keys = torch.empty(1, num_heads, 0, head_dim, dtype=dtype)
         self.values = torch.empty(1, num_heads, 0, head_dim, dtype=dtype)
         self.positions = torch.empty(num_heads, 0, dtype=torch.long)
+        # Optional per-token statistics that follow the tokens (e.g. attention received), (score_rows, capacity).
+        self.scores = torch.empty(score_rows, 0, dtype=torch.float32)
         self.peak_nbytes = 0
 
     @property
@@ -33,17 +35,19 @@ class KVBuffer:
     @property
     def nbytes(self) -> int:
         """Bytes allocated (not just used) for keys, values and positions."""
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions, self.scores))
 
     def _reallocate(self, capacity: int) -> None:
         keys = torch.empty(1, self.num_heads, capacity, self.head_dim, dtype=self.dtype)
         values = torch.empty_like(keys)
         positions = torch.empty(self.num_heads, capacity, dtype=torch.long)
+        scores = torch.zeros(self.scores.shape[0], capacity, dtype=torch.float32)
         n = self.length
         keys[:, :, :n] = self.keys[:, :, :n]
         values[:, :, :n] = self.values[:, :, :n]
         positions[:, :n] = self.positions[:, :n]
-        self.keys, self.values, self.positions = keys, values, positions
+        scores[:, :n] = self.scores[:, :n]
+        self.keys, self.values, self.positions, self.scores = keys, values, positions, scores
         self.peak_nbytes = max(self.peak_nbytes, self.nbytes)
 
     def reserve(self, tokens: int) -> None:
@@ -61,6 +65,7 @@ class KVBuffer:
         self.keys[:, :, self.length : end] = keys
         self.values[:, :, self.length : end] = values
         self.positions[:, self.length : end] = positions
+        self.scores[:, self.length : end] = 0.0
         self.length = end
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,12 +81,17 @@ class KVBuffer:
         keys, values, positions = self.view()
         if index.dim() == 1:
             kept = (keys.index_select(2, index), values.index_select(2, index), positions.index_select(1, index))
+            kept_scores = self.scores[:, : self.length].index_select(1, index)
+        elif self.scores.shape[0]:
+            raise ValueError("per-head keep is not supported with scores")
         else:
             gather = index[None, :, :, None].expand(1, -1, -1, self.head_dim)
             kept = (keys.gather(2, gather), values.gather(2, gather), positions.gather(1, index))
+            kept_scores = self.scores[:, :0]
         n = kept[0].shape[2]
         self.length = 0
         if capacity is not None and max(capacity, n) != self.capacity:
             self._reallocate(max(capacity, n))
         self.keys[:, :, :n], self.values[:, :, :n], self.positions[:, :n] = kept
+        self.scores[:, : kept_scores.shape[1]] = kept_scores
         self.length = n

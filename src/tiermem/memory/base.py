@@ -6,13 +6,17 @@ from abc import abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
+import torch
 from transformers import PreTrainedModel
 
 from tiermem.errors import TiermemError
 from tiermem.layer_info import LayerInfo
 from tiermem.memory.layer import SlidingWindowLayer, TierLayer
+
+if TYPE_CHECKING:
+    from tiermem.kvstore.blocks import BlockStore
 
 
 @dataclass
@@ -28,8 +32,11 @@ class Policy:
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    hot_set: ClassVar[str] = "the whole prompt"  # what it holds in RAM, for the --kv-memory error
     # True when positions never grow past what the cache holds, so prompts may exceed the model's trained window.
     bounds_positions: ClassVar[bool] = False
+    # True when the policy needs each token's surprise -log p(token | prefix) (the engine then computes all logits).
+    needs_surprise: ClassVar[bool] = False
 
     def make_layer(self, info: LayerInfo) -> TierLayer:
         """The layer memory for one attention layer; local (sliding-window) layers keep their window as is."""
@@ -40,6 +47,26 @@ class Policy:
     @abstractmethod
     def make_global_layer(self, info: LayerInfo) -> TierLayer:
         """The layer memory for one global-attention layer."""
+
+    def setup(self, layers: list[TierLayer], store: BlockStore) -> None:
+        """Connect a cache's layers to shared state (the block store; EM-LLM adds its event boundaries)."""
+        for layer in layers:
+            layer.bind(store)
+
+    def observe_surprise(self, layers: list[TierLayer], surprise: torch.Tensor) -> None:
+        """Receive the surprise (T,) of the tokens of the last forward. Default: unused."""
+
+    def peak_bytes(self, info: LayerInfo, context_tokens: int, total_tokens: int) -> int:
+        """Most bytes one layer holds in RAM during a run (the ``--kv-memory`` check). Default: every token."""
+        return self.peak_tokens(info, context_tokens, total_tokens) * (
+            info.kv_bytes_per_token() + 8 * info.num_kv_heads
+        )
+
+    def peak_tokens(self, info: LayerInfo, context_tokens: int, total_tokens: int) -> int:
+        """Most tokens one layer of a dense-buffer policy holds (K, V and an int64 position per head each)."""
+        if info.sliding_window is not None:
+            return min(total_tokens, info.sliding_window + SlidingWindowLayer.slack + 512)
+        return total_tokens
 
     def check(self, context_tokens: int, total_tokens: int, max_positions: int) -> None:
         """Raise :class:`TiermemError` when this policy cannot run this many tokens on a model."""

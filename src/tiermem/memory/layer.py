@@ -8,6 +8,7 @@ a transformers cache layer, so an HF ``Cache`` container (and ``model.generate``
 from __future__ import annotations
 
 from abc import abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,10 @@ from transformers.cache_utils import CacheLayerMixin
 from tiermem.kvstore.dense import KVBuffer
 from tiermem.layer_info import LayerInfo
 from tiermem.rope import apply_rope
+
+if TYPE_CHECKING:
+    from tiermem.kvstore.blocks import BlockStore
+    from tiermem.kvstore.meter import MemoryMeter
 
 
 def attention(
@@ -69,6 +74,7 @@ class TierLayer(CacheLayerMixin):
         self.context_tokens: int | None = None  # set by plan(): how long the context will be
         self.total_tokens: int | None = None  # set by plan(): context, question and new tokens together
         self.end_context_after_prefill = False  # context-manager mode: compress after generate()'s prefill forward
+        self.meter: MemoryMeter | None = None  # set by a TierCache: this layer reports its bytes there
         self.is_initialized = True
 
     @abstractmethod
@@ -77,6 +83,15 @@ class TierLayer(CacheLayerMixin):
 
         ``q`` (1, Hq, T, D), ``k`` and ``v`` (1, Hkv, T, D), all before RoPE. Returns (1, Hq, T, D).
         """
+
+    def bind(self, store: BlockStore) -> None:
+        """Receive the cache's block store: report bytes to its meter (block-memory layers also store blocks)."""
+        self.meter = store.meter
+
+    def report(self) -> None:
+        """Tell the meter how many bytes this layer holds now (called after every forward and compression)."""
+        if self.meter is not None:
+            self.meter.set(self.info.layer_idx, self.kv_bytes())
 
     def plan(self, context_tokens: int, total_tokens: int) -> None:
         """Hint before the first token: the context has ``context_tokens``, the whole run at most ``total_tokens``."""

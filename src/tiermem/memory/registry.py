@@ -8,7 +8,9 @@ from typing import Any
 
 from tiermem.errors import TiermemError
 from tiermem.memory.base import Policy
+from tiermem.memory.emllm import EMLLM
 from tiermem.memory.full import Full
+from tiermem.memory.infllm import InfLLM
 from tiermem.memory.snapkv import SnapKV
 from tiermem.memory.streaming import StreamingLLM
 
@@ -31,6 +33,8 @@ REGISTRY: dict[str, Entry] = {
         {"selection": "chunk", "chunk_size": 32, "kernel_size": 7, "pooling": "maxpool"},
         "SnapKV scores, whole 32-token chunks kept (tiermem variant, ChunkKV-style)",
     ),
+    "infllm": Entry(InfLLM, summary="InfLLM: init + local window + retrieved 128-token blocks at a fixed distance"),
+    "emllm": Entry(EMLLM, summary="EM-LLM: InfLLM-style memory cut into events where the model is surprised"),
 }
 
 

@@ -43,6 +43,7 @@ class SnapKV(BudgetedPolicy):
 
     name = "snapkv"
     paper = "SnapKV, arXiv 2404.14469"
+    hot_set = "the whole context until it is compressed"
     window_size: int = 32
     kernel_size: int = 5
     pooling: str = "avgpool"
@@ -66,6 +67,11 @@ class SnapKV(BudgetedPolicy):
 
     def make_global_layer(self, info: LayerInfo) -> TierLayer:
         return SnapKVLayer(info, self)
+
+    def peak_tokens(self, info: LayerInfo, context_tokens: int, total_tokens: int) -> int:
+        if info.sliding_window is not None:
+            return super().peak_tokens(info, context_tokens, total_tokens)
+        return max(context_tokens, self.budget_for(context_tokens) + total_tokens - context_tokens)
 
 
 def snapkv_scores(

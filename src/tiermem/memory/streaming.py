@@ -26,6 +26,7 @@ class StreamingLLM(BudgetedPolicy):
 
     name = "streaming"
     paper = "StreamingLLM, arXiv 2309.17453"
+    hot_set = "sinks, recent tokens and one prefill chunk"
     n_sink: int = 4
     rerotate: bool = True
 
@@ -41,6 +42,11 @@ class StreamingLLM(BudgetedPolicy):
 
     def make_global_layer(self, info: LayerInfo) -> TierLayer:
         return StreamingLayer(info, self)
+
+    def peak_tokens(self, info: LayerInfo, context_tokens: int, total_tokens: int) -> int:
+        if info.sliding_window is not None:
+            return super().peak_tokens(info, context_tokens, total_tokens)
+        return min(total_tokens, self.budget_for(context_tokens) + 512)
 
 
 class StreamingLayer(DenseLayer):
