@@ -78,3 +78,19 @@ def test_compression_under_generate_changes_the_cache(llama: torch.nn.Module) ->
     layers = out.past_key_values.layers
     assert all(layer.kv_tokens() == 40 + 4 for layer in layers)  # 40 kept, then 4 decode steps appended
     assert all(layer.seen == 64 for layer in layers)
+
+
+@pytest.mark.parametrize("allocator", ["paged", "concat"])
+def test_allocators_give_the_same_logits(llama: torch.nn.Module, allocator: str) -> None:
+    from tiermem.kvstore.blocks import StoreConfig
+
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(4))
+    reference = chunked_logits(llama, Full(), ids, 8)
+    cache = TierCache(llama, SnapKV(kv_budget=4096), StoreConfig(allocator=allocator))
+    cache.plan(40, 40)
+    outs = []
+    with torch.no_grad(), patched_attention(llama):
+        for start in range(0, 40, 8):
+            positions = torch.arange(start, start + 8).unsqueeze(0)
+            outs.append(llama(input_ids=ids[:, start : start + 8], position_ids=positions, cache=cache).logits)
+    torch.testing.assert_close(torch.cat(outs, dim=1), reference)

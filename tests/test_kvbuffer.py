@@ -43,3 +43,29 @@ def test_reserve_avoids_reallocation_and_keep_can_shrink() -> None:
     assert buffer.capacity == 12 and buffer.length == 10
     assert buffer.peak_nbytes >= 100 * 2 * 4 * 2
     assert buffer.nbytes == 12 * 2 * 4 * 2 + 12 * 8
+
+
+def test_paged_buffer_commits_pages_as_tokens_arrive_and_returns_them() -> None:
+    from tiermem.kvstore import PagedKVBuffer
+    from tiermem.kvstore.paged import PAGE
+
+    paged = PagedKVBuffer(num_heads=2, head_dim=4, dtype=torch.float32, reserve_tokens=1 << 16)
+    grown = filled(10)
+    for start in range(0, 10, 3):
+        t = min(3, 10 - start)
+        keys = torch.arange(start, start + t, dtype=torch.float32).view(1, 1, t, 1).expand(1, 2, t, 4)
+        paged.append(keys, -keys, torch.arange(start, start + t))
+    assert all(torch.equal(a, b) for a, b in zip(paged.view(), grown.view(), strict=True))
+    assert paged.capacity == 1 << 16 and paged.reallocations == 1  # one reservation, never copied to grow
+    assert paged.nbytes == 2 * 2 * PAGE + 2 * PAGE  # K and V rows of 10 tokens, positions rows: one page each
+    paged.keep(torch.tensor([8, 9]))
+    assert torch.equal(paged.view()[2][0], torch.tensor([8, 9]))
+
+
+def test_concat_buffer_reallocates_every_append() -> None:
+    from tiermem.kvstore import ConcatKVBuffer
+
+    buffer = ConcatKVBuffer(num_heads=1, head_dim=2, dtype=torch.float32)
+    for i in range(5):
+        buffer.append(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2), torch.tensor([i]))
+    assert buffer.reallocations == 5 and buffer.capacity == 5

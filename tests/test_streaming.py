@@ -44,9 +44,9 @@ def test_memory_stays_bounded_whatever_the_length(llama: torch.nn.Module) -> Non
     assert long.kv_bytes_peak() == short.kv_bytes_peak()
 
 
-def test_rerotation_bounds_positions() -> None:
-    assert StreamingLLM(kv_budget=64).bounds_positions
-    assert not StreamingLLM(kv_budget=64, rerotate=False).bounds_positions
+def test_rerotation_fits_any_length() -> None:
+    assert StreamingLLM(kv_budget=64).fits_any_length
+    assert not StreamingLLM(kv_budget=64, rerotate=False).fits_any_length
     StreamingLLM(kv_budget=64).check(context_tokens=100_000, total_tokens=100_032, max_positions=8192)
     with pytest.raises(TiermemError, match="positions"):
         StreamingLLM(kv_budget=64, rerotate=False).check(100_000, 100_032, 8192)

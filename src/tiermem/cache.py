@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
 from tiermem.errors import TiermemError
@@ -35,6 +35,7 @@ def store_for(
     kv_memory: int | None,
     backend: str = "auto",
     folder: str | None = None,
+    allocator: str = "grow",
 ) -> StoreConfig:
     """Where evicted blocks go. Under a ``kv_memory`` limit the hot set must fit, checked before any compute;
     the warm tier then gets what the hot set leaves free (enforced as the run goes, by the cache's meter).
@@ -52,7 +53,7 @@ def store_for(
                 f"KV memory limit {format_bytes(kv_memory)} is below what policy '{policy.name}' holds in RAM for "
                 f"this prompt: {format_bytes(needed)} ({policy.hot_set})"
             )
-    return StoreConfig(backend=backend, folder=folder)
+    return StoreConfig(backend=backend, folder=folder, allocator=allocator)
 
 
 class TierCache(Cache):
@@ -63,9 +64,15 @@ class TierCache(Cache):
     """
 
     def __init__(
-        self, model: PreTrainedModel, policy: Policy, store: StoreConfig | None = None, kv_memory: int | None = None
+        self,
+        model: PreTrainedModel,
+        policy: Policy,
+        store: StoreConfig | None = None,
+        kv_memory: int | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
     ):
         self.policy = policy
+        self.tokenizer = tokenizer
         self.infos = describe_layers(model)
         self.tier_layers: list[TierLayer] = [policy.make_layer(info) for info in self.infos]
         self.meter = MemoryMeter(kv_memory)
@@ -86,6 +93,10 @@ class TierCache(Cache):
     def observe_surprise(self, surprise: torch.Tensor) -> None:
         """The surprise (T,) of the tokens of the last forward, for policies that segment by it (EM-LLM)."""
         self.policy.observe_surprise(self.tier_layers, surprise)
+
+    def observe_tokens(self, start: int, pieces: list[str]) -> None:
+        """The decoded text of the tokens at positions ``start, ...``, for policies that read it (SentenceKV)."""
+        self.policy.observe_tokens(self.tier_layers, start, pieces)
 
     def kv_tokens(self) -> int:
         """Tokens held in RAM by the largest layer, outside the block store."""

@@ -118,6 +118,7 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-memory", type=parse_size, help="KV bytes held in RAM at most, e.g. 512MB (rest on disk)")
     parser.add_argument("--kv-store", default="auto", choices=["auto", "ram", "disk"], help="where evicted blocks live")
     parser.add_argument("--kv-dir", help="folder for the disk store's temporary files (default: system temp)")
+    parser.add_argument("--kv-alloc", default="grow", choices=["grow", "paged", "concat"], help="KV buffer memory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +171,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         kv_memory=args.kv_memory,
         kv_store=args.kv_store,
         kv_dir=args.kv_dir,
+        kv_alloc=args.kv_alloc,
     )
     if args.kv_dir and not Path(args.kv_dir).is_dir():
         raise TiermemError(f"KV store folder '{args.kv_dir}' does not exist")

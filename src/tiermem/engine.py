@@ -37,6 +37,7 @@ class GenerationConfig:
     kv_memory: int | None = None  # bytes of KV the run may hold in RAM; the rest goes to the disk store
     kv_store: str = "auto"  # "ram", "disk", or "auto" (disk when kv_memory is set)
     kv_dir: str | None = None  # parent folder of the disk store's temporary folder
+    kv_alloc: str = "grow"  # how hot KV buffers get memory: "grow", "paged" (demand-paged) or "concat"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -79,6 +80,14 @@ def surprise(previous: torch.Tensor | None, logits: torch.Tensor, ids: torch.Ten
     return values if previous is not None else torch.cat([torch.zeros(1), values])
 
 
+def token_pieces(cache: TierCache, ids: list[int]) -> list[str]:
+    """Each token's own decoded text (for policies that read it)."""
+    tokenizer = cache.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"policy '{cache.policy.name}' needs the tokenizer: build the TierCache with tokenizer=")
+    return [tokenizer.decode([i]) for i in ids]
+
+
 def prefill(
     model: PreTrainedModel, cache: TierCache, ids: torch.Tensor, chunk_size: int, previous: torch.Tensor | None = None
 ) -> torch.Tensor | None:
@@ -88,6 +97,8 @@ def prefill(
     """
     logits = previous
     for chunk in ids.split(chunk_size, dim=1):
+        if cache.policy.needs_token_text:
+            cache.observe_tokens(cache.get_seq_length(), token_pieces(cache, chunk[0].tolist()))
         if cache.policy.needs_surprise:
             every = forward(model, cache, chunk, every_position=True)
             cache.observe_surprise(surprise(logits, every, chunk[0]))
@@ -168,8 +179,10 @@ def generate(
         question_tokens=question.shape[1],
     )
     infos = describe_layers(lm.model)
-    store = store_for(policy, infos, context.shape[1], total, config.kv_memory, config.kv_store, config.kv_dir)
-    cache = TierCache(lm.model, policy, store, config.kv_memory)
+    store = store_for(
+        policy, infos, context.shape[1], total, config.kv_memory, config.kv_store, config.kv_dir, config.kv_alloc
+    )
+    cache = TierCache(lm.model, policy, store, config.kv_memory, lm.tokenizer)
     try:
         return _run(lm, cache, context, question, config, stats, on_text)
     finally:
@@ -220,6 +233,8 @@ def _run(
             with decode_clock:
                 if cache.policy.needs_surprise:  # the generated token's own surprise
                     cache.observe_surprise((torch.logsumexp(logits, dim=-1) - logits[token]).reshape(1))
+                if cache.policy.needs_token_text:
+                    cache.observe_tokens(cache.get_seq_length(), token_pieces(cache, [token]))
                 logits = forward(lm.model, cache, torch.tensor([[token]]))
             stats.decode_steps += 1
 

@@ -23,7 +23,7 @@ def split_specs(text: str) -> list[str]:
 
 
 def add_bench_parser(sub: Any) -> None:
-    from tiermem.cli import parse_tokens
+    from tiermem.cli import parse_size, parse_tokens
 
     def tokens_list(text: str) -> list[int]:
         return [parse_tokens(item) for item in _split(text)]
@@ -50,6 +50,9 @@ def add_bench_parser(sub: Any) -> None:
     bench.add_argument("--question-aware", action="store_true")
     bench.add_argument("--prompt-style", default="auto", choices=["auto", "chat", "completion"])
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    bench.add_argument("--kv-memory", type=parse_size, help="KV bytes in RAM at most, e.g. 512MB (rest on disk)")
+    bench.add_argument("--kv-store", default="auto", choices=["auto", "ram", "disk"])
+    bench.add_argument("--kv-alloc", default="grow", choices=["grow", "paged", "concat"])
     bench.add_argument("--out", default="bench-out", help="output folder (results.jsonl is appended, resumable)")
     bench.add_argument("--report-only", action="store_true", help="rewrite tables and plots from results.jsonl")
 
@@ -79,6 +82,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             question_aware=args.question_aware,
             prompt_style=args.prompt_style,
             dtype=args.dtype,
+            kv_memory=args.kv_memory,
+            kv_store=args.kv_store,
+            kv_alloc=args.kv_alloc,
         )
         rows = run_bench(config, out)
     for path in write_report(rows, out):

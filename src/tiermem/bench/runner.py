@@ -38,6 +38,9 @@ class BenchConfig:
     question_aware: bool = False
     prompt_style: str = "auto"
     dtype: str = "float32"
+    kv_memory: int | None = None
+    kv_store: str = "auto"
+    kv_alloc: str = "grow"
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,34 @@ def validate(config: BenchConfig) -> list[Run]:
     return expand_policies(config)
 
 
-KEY_FIELDS = ("model", "task", "length", "depth", "index", "seed", "policy_label", "question_aware", "prompt_style")
+KEY_FIELDS = (
+    "model",
+    "task",
+    "length",
+    "depth",
+    "index",
+    "seed",
+    "policy_label",
+    "question_aware",
+    "prompt_style",
+    "kv_memory",
+)
+
+
+def identity(model: str, sample: Sample, run: Run, config: BenchConfig) -> dict[str, Any]:
+    """The fields that identify one measurement (the start of its row)."""
+    return {
+        "model": model,
+        "task": sample.task,
+        "length": sample.length,
+        "depth": sample.depth,
+        "index": sample.index,
+        "seed": config.seed,
+        "policy_label": run.label,
+        "question_aware": config.question_aware,
+        "prompt_style": config.prompt_style,
+        "kv_memory": config.kv_memory,
+    }
 
 
 def row_key(row: dict[str, Any]) -> tuple[Any, ...]:
@@ -110,20 +140,16 @@ def _samples(config: BenchConfig, lm: LoadedModel) -> Iterator[Sample]:
 def run_one(lm: LoadedModel, sample: Sample, run: Run, config: BenchConfig) -> dict[str, Any]:
     prompt = build_prompt(lm, sample.context, sample.question, config.prompt_style, sample.answer_prefix)
     gen = GenerationConfig(
-        max_new_tokens=config.max_new_tokens, chunk_size=config.chunk_size, question_aware=config.question_aware
+        max_new_tokens=config.max_new_tokens,
+        chunk_size=config.chunk_size,
+        question_aware=config.question_aware,
+        kv_memory=config.kv_memory,
+        kv_store=config.kv_store,
+        kv_alloc=config.kv_alloc,
     )
-    row: dict[str, Any] = {
-        "model": lm.name,
-        "task": sample.task,
-        "length": sample.length,
-        "depth": sample.depth,
-        "index": sample.index,
-        "seed": config.seed,
-        "policy_label": run.label,
+    row: dict[str, Any] = identity(lm.name, sample, run, config) | {
         "policy_name": run.policy.name,
         "budget": run.budget,
-        "question_aware": config.question_aware,
-        "prompt_style": config.prompt_style,
         "style": prompt.style,
         "chunk_size": config.chunk_size,
         "recipe": repr(run.policy),
@@ -156,17 +182,7 @@ def run_bench(config: BenchConfig, out_dir: Path) -> list[dict[str, Any]]:
             lm = load(model_name, dtype=config.dtype)
             for sample in _samples(config, lm):
                 for run in runs:
-                    key = (
-                        model_name,
-                        sample.task,
-                        sample.length,
-                        sample.depth,
-                        sample.index,
-                        config.seed,
-                        run.label,
-                        config.question_aware,
-                        config.prompt_style,
-                    )
+                    key = row_key(identity(model_name, sample, run, config))
                     progress.update(bar, description=f"{model_name} {sample.task} {sample.length} {run.label}")
                     if key in done:
                         progress.advance(bar)

@@ -1,5 +1,19 @@
-"""Where KV bytes live: dense growable blocks in RAM (more tiers come with the retrieval policies)."""
+"""Where KV bytes live: dense blocks in RAM (growing, demand-paged, or concatenated) and the block store."""
 
-from tiermem.kvstore.dense import KVBuffer
+from __future__ import annotations
 
-__all__ = ["KVBuffer"]
+import torch
+
+from tiermem.kvstore.dense import ConcatKVBuffer, KVBuffer
+from tiermem.kvstore.paged import PagedKVBuffer
+
+ALLOCATORS = {"grow": KVBuffer, "paged": PagedKVBuffer, "concat": ConcatKVBuffer}
+
+
+def make_buffer(allocator: str, num_heads: int, head_dim: int, dtype: torch.dtype, score_rows: int = 0) -> KVBuffer:
+    """A KV buffer of the named kind: ``grow`` (geometric, default), ``paged`` (demand-paged virtual memory) or
+    ``concat`` (reallocate on every append, as transformers' DynamicCache)."""
+    return ALLOCATORS[allocator](num_heads, head_dim, dtype, score_rows=score_rows)
+
+
+__all__ = ["ALLOCATORS", "ConcatKVBuffer", "KVBuffer", "PagedKVBuffer", "make_buffer"]

@@ -43,10 +43,13 @@ class StoreConfig:
     backend: str = "ram"
     folder: str | None = None  # parent of the temporary folder for the disk backend (default: the system temp dir)
     warm_bytes: int | None = None
+    allocator: str = "grow"  # how hot KV buffers get memory: "grow", "paged" or "concat" (see tiermem.kvstore)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise TiermemError(f"unknown KV store '{self.backend}': use one of {', '.join(BACKENDS)}")
+        if self.allocator not in ("grow", "paged", "concat"):
+            raise TiermemError(f"unknown KV allocator '{self.allocator}': use grow, paged or concat")
         if self.folder is not None and not Path(self.folder).is_dir():
             raise TiermemError(f"KV store folder '{self.folder}' does not exist")
 

@@ -27,6 +27,7 @@ class KVBuffer:
         # Optional per-token statistics that follow the tokens (e.g. attention received), (score_rows, capacity).
         self.scores = torch.empty(score_rows, 0, dtype=torch.float32)
         self.peak_nbytes = 0
+        self.reallocations = 0  # new blocks allocated (each copies the kept tokens)
 
     @property
     def capacity(self) -> int:
@@ -37,11 +38,17 @@ class KVBuffer:
         """Bytes allocated (not just used) for keys, values and positions."""
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions, self.scores))
 
-    def _reallocate(self, capacity: int) -> None:
+    def _allocate(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fresh keys, values, positions and scores tensors for ``capacity`` tokens."""
         keys = torch.empty(1, self.num_heads, capacity, self.head_dim, dtype=self.dtype)
         values = torch.empty_like(keys)
         positions = torch.empty(self.num_heads, capacity, dtype=torch.long)
         scores = torch.zeros(self.scores.shape[0], capacity, dtype=torch.float32)
+        return keys, values, positions, scores
+
+    def _reallocate(self, capacity: int) -> None:
+        keys, values, positions, scores = self._allocate(capacity)
+        self.reallocations += 1
         n = self.length
         keys[:, :, :n] = self.keys[:, :, :n]
         values[:, :, :n] = self.values[:, :, :n]
@@ -95,3 +102,15 @@ class KVBuffer:
         self.keys[:, :, :n], self.values[:, :, :n], self.positions[:, :n] = kept
         self.scores[:, : kept_scores.shape[1]] = kept_scores
         self.length = n
+
+
+class ConcatKVBuffer(KVBuffer):
+    """The transformers ``DynamicCache`` way, for comparison: every append allocates a new block of exactly the new
+    length and copies everything into it (what ``torch.cat`` per step does)."""
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        self._reallocate(self.length + keys.shape[2])
+        super().append(keys, values, positions)
+
+    def reserve(self, tokens: int) -> None:
+        """A concatenating cache cannot reserve."""

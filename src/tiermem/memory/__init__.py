@@ -6,6 +6,7 @@ from tiermem.memory.full import Full
 from tiermem.memory.infllm import InfLLM
 from tiermem.memory.layer import DenseLayer, SlidingWindowLayer, TierLayer
 from tiermem.memory.registry import REGISTRY, build, names, parse_spec
+from tiermem.memory.sentencekv import SentenceKV
 from tiermem.memory.snapkv import SnapKV
 from tiermem.memory.streaming import StreamingLLM
 
@@ -17,6 +18,7 @@ __all__ = [
     "Full",
     "InfLLM",
     "Policy",
+    "SentenceKV",
     "SlidingWindowLayer",
     "SnapKV",
     "StreamingLLM",

@@ -33,10 +33,13 @@ class Policy:
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     hot_set: ClassVar[str] = "the whole prompt"  # what it holds in RAM, for the --kv-memory error
-    # True when positions never grow past what the cache holds, so prompts may exceed the model's trained window.
-    bounds_positions: ClassVar[bool] = False
+    # True when prompts may run past the model's trained positions: the policy bounds the positions it uses
+    # (StreamingLLM re-rotation, block memory), or the user asked to extrapolate (Full(extrapolate=True)).
+    fits_any_length: ClassVar[bool] = False
     # True when the policy needs each token's surprise -log p(token | prefix) (the engine then computes all logits).
     needs_surprise: ClassVar[bool] = False
+    # True when the policy needs each token's decoded text (SentenceKV finds sentence ends in it).
+    needs_token_text: ClassVar[bool] = False
 
     def make_layer(self, info: LayerInfo) -> TierLayer:
         """The layer memory for one attention layer; local (sliding-window) layers keep their window as is."""
@@ -56,6 +59,9 @@ class Policy:
     def observe_surprise(self, layers: list[TierLayer], surprise: torch.Tensor) -> None:
         """Receive the surprise (T,) of the tokens of the last forward. Default: unused."""
 
+    def observe_tokens(self, layers: list[TierLayer], start: int, pieces: list[str]) -> None:
+        """Receive the decoded text of the tokens at positions ``start, start+1, ...``. Default: unused."""
+
     def peak_bytes(self, info: LayerInfo, context_tokens: int, total_tokens: int) -> int:
         """Most bytes one layer holds in RAM during a run (the ``--kv-memory`` check). Default: every token."""
         return self.peak_tokens(info, context_tokens, total_tokens) * (
@@ -70,7 +76,7 @@ class Policy:
 
     def check(self, context_tokens: int, total_tokens: int, max_positions: int) -> None:
         """Raise :class:`TiermemError` when this policy cannot run this many tokens on a model."""
-        if max_positions and total_tokens > max_positions and not self.bounds_positions:
+        if max_positions and total_tokens > max_positions and not self.fits_any_length:
             raise TiermemError(
                 f"prompt plus new tokens ({total_tokens}) exceed the model's {max_positions} positions under policy "
                 f"'{self.name}', which keeps original positions; shorten the prompt or use a policy that bounds them"

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tiermem.kvstore import make_buffer
 from tiermem.kvstore.blocks import BlockStore, StoreConfig
 from tiermem.kvstore.dense import KVBuffer
 from tiermem.layer_info import LayerInfo
@@ -42,7 +43,7 @@ class ContextMemoryPolicy(Policy):
     repr_topk: int = 4
     exc_block_size: int = 512
 
-    bounds_positions = True
+    fits_any_length = True
     hot_set = "local windows, prefill chunk, init tokens and retrieved blocks"
 
     def global_capacity(self) -> int:
@@ -90,6 +91,11 @@ class ContextMemoryLayer(TierLayer):
     def bind(self, store: BlockStore) -> None:
         super().bind(store)
         self.store = store
+        if store.config.allocator != "grow":
+            info = self.info
+            self.local = make_buffer(
+                store.config.allocator, info.num_kv_heads, info.head_dim, info.dtype, info.num_heads
+            )
 
     def plan(self, context_tokens: int, total_tokens: int) -> None:
         super().plan(context_tokens, total_tokens)

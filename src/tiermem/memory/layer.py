@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import CacheLayerMixin
 
+from tiermem.kvstore import make_buffer
 from tiermem.kvstore.dense import KVBuffer
 from tiermem.layer_info import LayerInfo
 from tiermem.rope import apply_rope
@@ -168,6 +169,14 @@ class DenseLayer(TierLayer):
 
     def after_attend(self, rotated_q: torch.Tensor) -> None:
         """Hook after each forward, with this step's rotated queries (1, Hq, T, D). Default: keep everything."""
+
+    def bind(self, store: BlockStore) -> None:
+        super().bind(store)
+        if store.config.allocator != "grow":  # before any token arrives, swap in the chosen kind of buffer
+            assert self.buffer.length == 0
+            self.buffer = make_buffer(
+                store.config.allocator, self.info.num_kv_heads, self.info.head_dim, self.info.dtype
+            )
 
     def kv_tokens(self) -> int:
         return self.buffer.length

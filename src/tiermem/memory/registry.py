@@ -11,6 +11,7 @@ from tiermem.memory.base import Policy
 from tiermem.memory.emllm import EMLLM
 from tiermem.memory.full import Full
 from tiermem.memory.infllm import InfLLM
+from tiermem.memory.sentencekv import SentenceKV
 from tiermem.memory.snapkv import SnapKV
 from tiermem.memory.streaming import StreamingLLM
 
@@ -35,6 +36,7 @@ REGISTRY: dict[str, Entry] = {
     ),
     "infllm": Entry(InfLLM, summary="InfLLM: init + local window + retrieved 128-token blocks at a fixed distance"),
     "emllm": Entry(EMLLM, summary="EM-LLM: InfLLM-style memory cut into events where the model is surprised"),
+    "sentencekv": Entry(SentenceKV, summary="SentenceKV: sentence vectors hot, sentences' KV offloaded, retrieved"),
 }
 
 

@@ -31,7 +31,7 @@ class StreamingLLM(BudgetedPolicy):
     rerotate: bool = True
 
     @property
-    def bounds_positions(self) -> bool:
+    def fits_any_length(self) -> bool:
         return self.rerotate
 
     def fixed_tokens(self) -> int:
