@@ -134,7 +134,7 @@ def smollm2_gguf_head(n: int) -> bytes:
 
 def test_block_memory_reads_past_the_window_within_a_memory_limit(capsys, tiny_model_dir: Path, tmp_path: Path) -> None:
     long = tmp_path / "long.txt"
-    long.write_text("The quick brown fox jumps over the lazy dog. " * 300)  # > 1024 positions of the tiny model
+    long.write_text("The quick brown fox jumps over the lazy dog. " * 110)  # > 1024 positions of the tiny model
     policy = "infllm:n_init=4,n_local=64,block_size=16,topk=4,exc_block_size=32"
     code, out, err = run_cli(
         capsys, "generate", "--model", str(tiny_model_dir), "--context-file", str(long), "--question", "Who?",
