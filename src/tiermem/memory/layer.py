@@ -33,13 +33,10 @@ def attention(
     positions used for the causal (and sliding-window) rule. Returns (1, Hq, T, D).
     """
     t = q.shape[2]
-    mask = None
-    if t > 1 or info.sliding_window is not None:
-        visible = k_pos[None, :] <= q_pos[:, None]
-        if info.sliding_window is not None:
-            visible &= k_pos[None, :] > q_pos[:, None] - info.sliding_window
-        if t > 1 or not bool(visible.all()):
-            mask = visible
+    visible = k_pos[None, :] <= q_pos[:, None]
+    if info.sliding_window is not None:
+        visible &= k_pos[None, :] > q_pos[:, None] - info.sliding_window
+    mask = None if t == 1 and bool(visible.all()) else visible
     if info.softcap is not None:
         return _softcapped_attention(q, keys, values, mask, info)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=info.scaling, enable_gqa=True)
