@@ -152,13 +152,21 @@ class DenseLayer(TierLayer):
         """How many token slots to allocate up front."""
         return total_tokens
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def append_rotated(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate this step's queries and keys at their original positions and store the keys and values.
+
+        Returns the rotated queries (1, Hq, T, D) and their positions (T,).
+        """
         t = q.shape[2]
         cos, sin = self.info.rope.cos_sin_range(self.seen, t)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q_pos = torch.arange(self.seen, self.seen + t)
         self.buffer.append(k, v, q_pos)
         self.seen += t
+        return q, q_pos
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, q_pos = self.append_rotated(q, k, v)
         keys, values, k_pos = self.buffer.view()
         out = attention(q, keys, values, q_pos, k_pos[0], self.info)
         self.after_attend(q)

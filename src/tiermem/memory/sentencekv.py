@@ -13,7 +13,6 @@ from tiermem.memory.base import Policy
 from tiermem.memory.layer import DenseLayer, TierLayer, attention
 from tiermem.memory.sentences import sentence_ends, sentence_spans
 from tiermem.memory.snapkv import snapkv_scores
-from tiermem.rope import apply_rope
 
 
 @dataclass
@@ -141,13 +140,8 @@ class SentenceKVLayer(DenseLayer):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not self.compressed or not self.sentence_sizes:
             return super().attend(q, k, v)
-        t = q.shape[2]
-        cos, sin = self.info.rope.cos_sin_range(self.seen, t)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q_pos = torch.arange(self.seen, self.seen + t)
-        self.buffer.append(k, v, q_pos)
-        self.seen += t
-        sentences = self._select(q, self.seen - 1) if t == 1 else list(range(len(self.sentence_sizes)))
+        q, q_pos = self.append_rotated(q, k, v)
+        sentences = self._select(q, self.seen - 1) if q.shape[2] == 1 else list(range(len(self.sentence_sizes)))
         self.last_selected = sentences
         hot_k, hot_v, hot_pos = self.buffer.view()
         assert self.store is not None

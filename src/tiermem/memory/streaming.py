@@ -87,12 +87,7 @@ class StreamingLayer(DenseLayer):
             self.sink_keys = part if self.sink_keys is None else torch.cat([self.sink_keys, part], dim=2)
         if self.sink_keys is not None and self.policy.rerotate and start >= n_sink:
             self._place_sinks()
-        t = q.shape[2]
-        cos, sin = self.info.rope.cos_sin_range(start, t)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q_pos = torch.arange(start, start + t)
-        self.buffer.append(k, v, q_pos)
-        self.seen += t
+        q, q_pos = self.append_rotated(q, k, v)
         keys, values, positions = self.buffer.view()
         k_pos = positions[0]
         evicted = (k_pos >= n_sink) & (k_pos < self.window_start)
