@@ -49,3 +49,11 @@ def test_sweep_resume_and_report(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert "| full |" in summary and "streaming@64" in summary
     records = aggregate(load_rows(out))
     assert sum(r["samples"] for r in records) == 12
+
+    # A narrower sweep over the same folder measures nothing new and reports only its own rows.
+    narrow = config(tiny_model_dir)
+    narrow.depths = [0.2]
+    narrow.policies = ["full"]
+    rows = run_bench(narrow, out)
+    assert len(rows) == 2 and {(r["depth"], r["policy_label"]) for r in rows} == {(0.2, "full")}
+    assert len(load_rows(out)) == 12

@@ -166,13 +166,17 @@ def run_one(lm: LoadedModel, sample: Sample, run: Run, config: BenchConfig) -> d
 
 
 def run_bench(config: BenchConfig, out_dir: Path) -> list[dict[str, Any]]:
-    """Run the sweep, appending rows to ``out_dir/results.jsonl``; rows already there are not measured again."""
+    """Run the sweep, appending rows to ``out_dir/results.jsonl``; rows already there are not measured again.
+
+    Returns the rows of this sweep only: rows from earlier, wider sweeps stay in the file but are not reported.
+    """
     runs = validate(config)
     results = out_dir / RESULTS_FILE
     if results.exists() and not results.read_bytes().endswith(b"\n"):
         with results.open("a", encoding="utf-8") as handle:
             handle.write("\n")  # end the line an interrupted run cut short, so the next row starts clean
     done = {row_key(r) for r in load_rows(out_dir)}
+    wanted: set[tuple[Any, ...]] = set()
     per_model = len(config.tasks) * len(config.lengths) * len(config.depths) * config.samples * len(runs)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns) as progress:
@@ -183,6 +187,7 @@ def run_bench(config: BenchConfig, out_dir: Path) -> list[dict[str, Any]]:
             for sample in _samples(config, lm):
                 for run in runs:
                     key = row_key(identity(model_name, sample, run, config))
+                    wanted.add(key)
                     progress.update(bar, description=f"{model_name} {sample.task} {sample.length} {run.label}")
                     if key in done:
                         progress.advance(bar)
@@ -194,4 +199,4 @@ def run_bench(config: BenchConfig, out_dir: Path) -> list[dict[str, Any]]:
                     done.add(row_key(row))
                     progress.advance(bar)
     (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    return load_rows(out_dir)
+    return [row for row in load_rows(out_dir) if row_key(row) in wanted]
