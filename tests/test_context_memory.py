@@ -14,6 +14,7 @@ from tiermem.layer_info import describe_layers
 from tiermem.memory import EMLLM, InfLLM
 from tiermem.memory.context_memory import ContextMemoryLayer, ContextMemoryPolicy
 from tiermem.memory.infllm import InfLLMLayer
+from tiermem.rope import apply_rope
 
 SMALL_INFLLM = InfLLM(n_init=4, n_local=32, block_size=8, topk=2, exc_block_size=16)
 SMALL_EMLLM = EMLLM(n_init=4, n_local=32, n_mem=16, min_block_size=2, max_block_size=8, exc_block_size=16)
@@ -113,3 +114,31 @@ def test_emllm_cuts_events_at_surprise(llama: torch.nn.Module) -> None:
     # Events 4..49 (46 tokens), 50..89 (40), 90..94 (5), 95..139 (45): above max_block_size 32 they are split.
     assert layer.block_starts[:6] == [4, 36, 50, 82, 90, 95]
     assert layer.block_sizes[:5] == [32, 14, 32, 8, 5]
+
+
+def _decode_step_against_full_attention(llama: torch.nn.Module, memory_positions: str) -> tuple[torch.Tensor, ...]:
+    """Feed 300 random tokens to one layer, then one more; return its output and full attention's for that token."""
+    info = describe_layers(llama)[0]
+    policy = InfLLM(n_init=4, n_local=32, block_size=8, topk=64, exc_block_size=16, memory_positions=memory_positions)
+    layer = InfLLMLayer(info, policy)
+    gen = torch.Generator().manual_seed(5)
+    n, hq, hkv, d = 301, info.num_heads, info.num_kv_heads, info.head_dim
+    q, k, v = (torch.randn(1, h, n, d, generator=gen) for h in (hq, hkv, hkv))
+    with torch.no_grad():
+        for start in range(0, 300, 20):
+            layer.attend(q[:, :, start : start + 20], k[:, :, start : start + 20], v[:, :, start : start + 20])
+        out = layer.attend(q[:, :, 300:], k[:, :, 300:], v[:, :, 300:])
+        cos, sin = info.rope.cos_sin_range(0, n)
+        keys = apply_rope(k, cos, sin).repeat_interleave(hq // hkv, dim=1)
+        query = apply_rope(q[:, :, 300:], cos[300:], sin[300:])
+        weights = torch.softmax(query @ keys.transpose(-1, -2) * info.scaling, dim=-1)
+        return out, weights @ v.repeat_interleave(hq // hkv, dim=1)
+
+
+def test_ordered_memory_positions_are_exact_when_everything_is_retrieved(llama: torch.nn.Module) -> None:
+    """With every block retrieved, "ordered" puts each memory token at its true distance from a decoding query, so
+    the step equals full attention; the papers' "fixed" distance does not."""
+    out, reference = _decode_step_against_full_attention(llama, "ordered")
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-4)
+    out, reference = _decode_step_against_full_attention(llama, "fixed")
+    assert not torch.allclose(out, reference, atol=1e-3)

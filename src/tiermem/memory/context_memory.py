@@ -11,7 +11,10 @@ Each token of a layer passes through three places:
 A query attends, in one softmax, to its local window and to a global set: the init tokens, the retrieved blocks,
 the remainder, and any window tokens it is already too far from. The global set is attended with the query rotated
 at one fixed angle (``n_local - 1``) against un-rotated keys, so every memory token sits at the same distance and no
-position ever exceeds ``n_local + exc_block_size``: a model trained on 8k tokens reads 128k.
+position ever exceeds ``n_local + exc_block_size``: a model trained on 8k tokens reads 128k. With
+``memory_positions="ordered"`` (a tiermem variant) the global set is instead laid out in position order just before
+the window, at distances ``n_local`` to ``n_local + n - 1`` for ``n`` memory tokens: still bounded, and when every
+block is retrieved a decoding query sees each token at its true distance.
 
 Subclasses decide how the remainder is cut into blocks (:meth:`cut_blocks`) and which blocks a query retrieves
 (:meth:`retrieve`).
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tiermem.errors import TiermemError
 from tiermem.kvstore import make_buffer
 from tiermem.kvstore.blocks import BlockStore, StoreConfig
 from tiermem.kvstore.dense import KVBuffer
@@ -42,9 +46,17 @@ class ContextMemoryPolicy(Policy):
     n_local: int = 4096
     repr_topk: int = 4
     exc_block_size: int = 512
+    # "fixed" (the papers'): every memory token at one distance, ``n_local``, from every query. "ordered" (a
+    # tiermem variant): memory tokens keep their order, consecutive positions just before the local window, so a
+    # small model can read a multi-token fact (a number split into digit tokens) in the right order.
+    memory_positions: str = "fixed"
 
     fits_any_length = True
     hot_set = "local windows, prefill chunk, init tokens and retrieved blocks"
+
+    def check_memory_positions(self) -> None:
+        if self.memory_positions not in ("fixed", "ordered"):
+            raise TiermemError(f"memory_positions must be 'fixed' or 'ordered', not {self.memory_positions!r}")
 
     def global_capacity(self) -> int:
         """Most tokens a query may retrieve from memory (for sizing and the memory check)."""
@@ -140,9 +152,15 @@ class ContextMemoryLayer(TierLayer):
         blocks = self.retrieve(q_global.mean(dim=2).reshape(-1), t) if self.block_sizes else []
         self.last_retrieved = blocks
         g_keys, g_values, g_mask = self._memory(blocks, keys, values, k_pos, edge_slots, dist)
+        q_memory = q_global
+        if self.policy.memory_positions == "ordered" and g_keys.shape[2]:
+            # Memory token j at position j, the query at n_local + n - 1: distances n_local .. n_local + n - 1.
+            n = g_keys.shape[2]
+            g_keys = apply_rope(g_keys, *rope.cos_sin_range(0, n))
+            q_memory = apply_rope(q, *rope.cos_sin_range(n_local + n - 1, 1))
 
         out, received = joint_attention(
-            apply_rope(q, cos, sin), keys, values, local_mask, q_global, g_keys, g_values, g_mask, self.info.scaling
+            apply_rope(q, cos, sin), keys, values, local_mask, q_memory, g_keys, g_values, g_mask, self.info.scaling
         )
         self.local.scores[:, : self.local.length] += received
         self._graduate()
@@ -158,9 +176,9 @@ class ContextMemoryLayer(TierLayer):
         edge_slots: torch.Tensor,
         dist: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The global keys and values (un-rotated): retrieved blocks, init, remainder, then edge tokens."""
+        """The global keys and values (un-rotated) in position order: init, retrieved blocks, remainder, edge tokens."""
         block_k, block_v = self._blocks(blocks)
-        parts_k, parts_v = [block_k, self.init_k, self.rem_k], [block_v, self.init_v, self.rem_v]
+        parts_k, parts_v = [self.init_k, block_k, self.rem_k], [self.init_v, block_v, self.rem_v]
         mask = None
         if edge_slots.numel():
             cos, sin = self.info.rope.cos_sin(k_pos[edge_slots])

@@ -54,6 +54,7 @@ class EMLLM(ContextMemoryPolicy):
     needs_surprise = True
 
     def __post_init__(self) -> None:
+        self.check_memory_positions()
         if self.refinement not in REFINEMENTS:
             raise TiermemError(f"emllm refinement must be one of {', '.join(REFINEMENTS)}, got '{self.refinement}'")
         if not 1 <= self.min_block_size <= self.max_block_size:

@@ -36,6 +36,7 @@ class InfLLM(ContextMemoryPolicy):
     topk: int = 16
 
     def __post_init__(self) -> None:
+        self.check_memory_positions()
         for field in ("n_init", "n_local", "block_size", "topk", "repr_topk", "exc_block_size"):
             if getattr(self, field) < 1:
                 raise TiermemError(f"infllm {field} must be at least 1")
