@@ -137,6 +137,7 @@ def load_prompts(path: Path, lengths: set[int] | None = None, limit: int = 0) ->
 
 
 def load_rows(path: Path = RESULTS) -> list[dict[str, Any]]:
+    # Not tiermem.bench.runner.load_rows: the kvpress worker runs in a venv without tiermem.
     if not path.exists():
         return []
     rows = []
@@ -147,6 +148,37 @@ def load_rows(path: Path = RESULTS) -> list[dict[str, Any]]:
             except json.JSONDecodeError:  # a line cut short by an interrupted run: measured again
                 continue
     return rows
+
+
+def row_header(
+    system: str,
+    spec: str,
+    ratio: float,
+    sample: dict[str, Any],
+    context_ids: list[int],
+    question_ids: list[int],
+    prompt_ids: str,
+    recipe: str,
+) -> dict[str, Any]:
+    """The fields every result row starts with: what ran on which sample, and whether the token ids matched."""
+    return {
+        "system": system,
+        "policy": spec,
+        "compression_ratio": ratio,
+        "task": sample["task"],
+        "length": sample["length"],
+        "depth": sample["depth"],
+        "index": sample["index"],
+        "context_tokens": len(context_ids),
+        "question_tokens": len(question_ids),
+        "tiermem_context_tokens": len(sample["context_ids"]),
+        "tiermem_question_tokens": len(sample["question_ids"]),
+        "context_ids_match": context_ids == sample["context_ids"],
+        "question_ids_match": question_ids == sample["question_ids"],
+        "prompt_ids": prompt_ids,
+        "recipe": recipe,
+        "answers": sample["answers"],
+    }
 
 
 def row_key(row: dict[str, Any]) -> tuple[Any, ...]:
@@ -401,22 +433,7 @@ def worker_kvpress(args: argparse.Namespace) -> None:
             load_1m = os.getloadavg()[0]
             result = kvpress_generate(pipe, inputs, press, args.max_new_tokens)
             row: dict[str, Any] = {
-                "system": system,
-                "policy": spec,
-                "compression_ratio": ratio,
-                "task": s["task"],
-                "length": s["length"],
-                "depth": s["depth"],
-                "index": s["index"],
-                "context_tokens": len(context_ids),
-                "question_tokens": len(question_ids),
-                "tiermem_context_tokens": len(s["context_ids"]),
-                "tiermem_question_tokens": len(s["question_ids"]),
-                "context_ids_match": context_ids == s["context_ids"],
-                "question_ids_match": question_ids == s["question_ids"],
-                "prompt_ids": args.kvpress_ids,
-                "recipe": repr(press),
-                "answers": s["answers"],
+                **row_header(system, spec, ratio, s, context_ids, question_ids, args.kvpress_ids, repr(press)),
                 **result,
                 "correct": score(result["output"], s["answers"]),
                 "load_avg_1m": load_1m,
@@ -496,22 +513,7 @@ def worker_tiermem(args: argparse.Namespace) -> None:
             result = generate(lm, prompt, policy, config)
             st = result.stats
             row: dict[str, Any] = {
-                "system": "tiermem",
-                "policy": spec,
-                "compression_ratio": ratio,
-                "task": s["task"],
-                "length": s["length"],
-                "depth": s["depth"],
-                "index": s["index"],
-                "context_tokens": len(context_ids),
-                "question_tokens": len(question_ids),
-                "tiermem_context_tokens": len(s["context_ids"]),
-                "tiermem_question_tokens": len(s["question_ids"]),
-                "context_ids_match": context_ids == s["context_ids"],
-                "question_ids_match": question_ids == s["question_ids"],
-                "prompt_ids": "tiermem",
-                "recipe": repr(policy),
-                "answers": s["answers"],
+                **row_header("tiermem", spec, ratio, s, context_ids, question_ids, "tiermem", repr(policy)),
                 "output": result.text,
                 "new_tokens": st.new_tokens,
                 "kv_tokens": st.kv_tokens,
