@@ -45,3 +45,17 @@ def test_gemma3_sliding_windows_match_transformers() -> None:
     result = generate(lm, prompt, build("full"), GenerationConfig(max_new_tokens=8, chunk_size=300))
     assert result.token_ids == hf_greedy(lm, prompt, 8)[: len(result.token_ids)]
     assert score(result.text, sample.answers), result.text
+
+
+def test_smollm2_finds_a_passkey_past_its_trained_window_with_disk_memory(tmp_path) -> None:
+    """12k tokens, past SmolLM2's 8192 positions: infllm-small retrieves the passkey block from a disk store under a
+    KV limit far below the whole cache (12k tokens x 46 KiB = 550 MiB)."""
+    lm = load("smollm2")
+    sample = make_sample("passkey", lm.tokenizer, 12288, 0.4, 0)
+    prompt = build_prompt(lm, sample.context, sample.question, answer_prefix=sample.answer_prefix)
+    config = GenerationConfig(max_new_tokens=8, kv_memory=128 * 2**20, kv_store="disk", kv_dir=str(tmp_path))
+    result = generate(lm, prompt, build("infllm-small"), config)
+    assert score(result.text, sample.answers), result.text
+    assert result.stats.kv_bytes_peak <= 128 * 2**20
+    assert int(result.stats.extra["kv_disk_bytes"]) > 400 * 2**20
+    assert not list(tmp_path.iterdir())  # the store's folder is removed
