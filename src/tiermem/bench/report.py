@@ -138,8 +138,14 @@ def plot_heatmaps(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         lengths = sorted({n for p in policies.values() for _, n in p})
         cols = min(4, len(labels))
         nrows = math.ceil(len(labels) / cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 0.5 * len(depths) * nrows + 1.6), squeeze=False)
-        for ax, label in zip(axes.flat, labels, strict=False):
+        fig, axes = plt.subplots(
+            nrows,
+            cols,
+            figsize=(3.0 * cols + 1.2, (0.45 * len(depths) + 1.3) * nrows + 0.6),
+            squeeze=False,
+            layout="constrained",  # titles and labels of stacked panels do not overlap
+        )
+        for index, (ax, label) in enumerate(zip(axes.flat, labels, strict=False)):
             grid = [[_mean(float(x) for x in policies[label].get((d, n), [])) * 100 for n in lengths] for d in depths]
             image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
             for i, line in enumerate(grid):
@@ -150,7 +156,8 @@ def plot_heatmaps(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             ax.set_xticks(range(len(lengths)), [_length_label(n) for n in lengths], fontsize=8)
             ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=8)
             ax.set_xlabel("prompt tokens", fontsize=8)
-            ax.set_ylabel("needle depth", fontsize=8)
+            if index % cols == 0:
+                ax.set_ylabel("needle depth", fontsize=8)
         for ax in list(axes.flat)[len(labels) :]:
             ax.axis("off")
         mode = "question-aware" if aware else "question-agnostic"
