@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -30,35 +31,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"Task: find a 7-digit number hidden in ~{DEMO_LENGTH} tokens of news prose, at depths "
         f"{', '.join(f'{d:.0%}' for d in DEMO_DEPTHS)}."
     )
-    table = Table(title="the same prompts under four KV policies", show_lines=False)
-    for column in ("policy", "answers (expected → got)", "accuracy", "KV kept", "KV MiB", "prefill s", "decode tok/s"):
-        table.add_column(column, justify="left" if column.startswith(("policy", "answers")) else "right")
+    table = Table(title="the same prompts under four KV policies", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("policy", "found", "KV tok", "KV MiB", "prefill s", "tok/s"):
+        table.add_column(column, justify="left" if column in ("policy", "found") else "right", no_wrap=True)
+    misses = []
     for name, budget, aware in DEMO_POLICIES:
         policy = registry.build(name, kv_budget=budget) if budget else registry.build(name)
         config = GenerationConfig(max_new_tokens=16, question_aware=aware)
-        label = name + (f"@{budget}" if budget else "") + (" (question-aware)" if aware else "")
+        label = name + (f"@{budget}" if budget else "") + (" +question" if aware else "")
         results = []
         with console.status(f"running {label}..."):
             for sample, prompt in zip(samples, prompts, strict=True):
                 results.append((sample, generate(lm, prompt, policy, config)))
-        correct = sum(score(r.text, s.answers) for s, r in results)
-        answers = "  ".join(f"{s.answers[0]}→{r.text.strip()[:18]!r}" for s, r in results)
+        found = [score(r.text, s.answers) for s, r in results]
+        misses += [
+            f"{label}: expected {s.answers[0]}, got {r.text.strip()[:40]!r}"
+            for s, r in results
+            if not score(r.text, s.answers)
+        ]
         stats = [r.stats for _, r in results]
         n = len(stats)
         table.add_row(
             label,
-            answers,
-            f"{correct}/{n}",
-            f"{sum(s.kv_tokens for s in stats) // n} tok",
+            f"{sum(found)}/{n}",
+            f"{sum(s.kv_tokens for s in stats) // n}",
             f"{sum(s.kv_bytes_decode for s in stats) / n / 2**20:.1f}",
             f"{sum(s.prefill_seconds for s in stats) / n:.2f}",
             f"{sum(s.decode_tokens_per_second for s in stats) / n:.1f}",
         )
     console.print(table)
+    if misses:
+        console.print("Misses (first words of the answer):\n  " + "\n  ".join(misses[:6]))
     console.print(
-        "KV MiB: keys and values held while decoding. Question-agnostic SnapKV compresses the context before it "
-        "sees the question (as kvpress does), so it keeps what the end of the context attends to; question-aware, "
-        "the question steers the selection (SnapKV's own setting). snapkv-chunk keeps whole 32-token chunks so a "
-        "7-token number survives whole (a tiermem variant). More: tiermem bench --help, BENCHMARKS.md"
+        "KV MiB: keys and values held while decoding; tok/s: decode speed. Question-agnostic SnapKV compresses "
+        "the context before it sees the question (as kvpress does), so it keeps what the end of the context attends "
+        "to; with +question the question steers the selection (SnapKV's own setting). snapkv-chunk keeps whole "
+        "32-token chunks so a 7-token number survives whole (a tiermem variant). More: tiermem bench --help, "
+        "BENCHMARKS.md"
     )
     return 0
