@@ -82,3 +82,22 @@ def test_bad_store_settings() -> None:
         StoreConfig(backend="tape")
     with pytest.raises(TiermemError):
         StoreConfig(backend="disk", folder="/no/such/folder")
+
+
+def test_meter_over_the_limit_with_nothing_to_reclaim_records_the_peak() -> None:
+    """Holders other than the warm tier can pass the limit (an estimate ran low): reclaiming then empties the warm
+    tier once and the peak says the truth, instead of reclaiming forever."""
+    from tiermem.kvstore.meter import MemoryMeter
+
+    meter = MemoryMeter(limit=100)
+    calls = []
+
+    def reclaim() -> None:
+        calls.append(1)
+        meter.set("warm", 0)
+
+    meter.reclaim = reclaim
+    meter.set("warm", 40)
+    meter.set("layer", 150)
+    assert len(calls) == 1 and meter.held("warm") == 0
+    assert meter.total == 150 and meter.peak == 150

@@ -19,12 +19,18 @@ class MemoryMeter:
         self.total = 0
         self.peak = 0
         self.reclaim: Callable[[], None] | None = None
+        self._reclaiming = False  # reclaim reports its own new size; that report must not reclaim again
 
     def set(self, holder: Hashable, nbytes: int) -> None:
         self.total += nbytes - self._held.get(holder, 0)
         self._held[holder] = nbytes
-        if self.limit is not None and self.total > self.limit and self.reclaim is not None:
-            self.reclaim()
+        over = self.limit is not None and self.total > self.limit
+        if over and self.reclaim is not None and not self._reclaiming:
+            self._reclaiming = True
+            try:
+                self.reclaim()
+            finally:
+                self._reclaiming = False
         self.peak = max(self.peak, self.total)
 
     def held(self, holder: Hashable) -> int:
