@@ -302,6 +302,7 @@ def kvpress_load() -> tuple[Any, Any, Path]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = gguf_location()
+    # Not tiermem.models: this runs in .venv-kvpress (transformers 5.2, no tiermem), so it converts its own copy.
     digest = hashlib.sha256(gguf.read_bytes()[: 1 << 20]).hexdigest()[:12]
     cached = OUT / f"model-{gguf.stem}-{digest}-tf{transformers.__version__}"
     if not (cached / "config.json").exists():
