@@ -1,0 +1,1 @@
+"""Weight placement: ``resident`` (plain HF), ``stream`` (layers from disk through k RAM slots) and ``flash``."""
