@@ -107,6 +107,47 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
+def _add_weight_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", default="resident", choices=["resident", "stream", "flash"], help="placement")
+    parser.add_argument("--weight-memory", type=parse_size, help="RAM for weights, e.g. 1GB (stream: layers held)")
+    parser.add_argument("--prefetch-layers", type=int, help="stream: layers held and loaded ahead, k (default: fit)")
+    parser.add_argument("--evict-layers", type=int, default=1, help="stream: layers evicted at once, k'")
+    parser.add_argument("--drop-page-cache", action="store_true", help="stream: read every layer from disk")
+    parser.add_argument("--weight-loader", default="mmap", choices=["mmap", "read"], help="stream: how layers load")
+    parser.add_argument("--flash-density", type=float, default=0.5, help="flash: FFN neurons used per token")
+    parser.add_argument("--flash-window", type=int, default=2, help="flash: tokens whose neurons stay in RAM")
+
+
+def flash_config(args: argparse.Namespace) -> Any:
+    """The :class:`FlashConfig` of the flash arguments (which need ``--weights flash``)."""
+    from tiermem.weights.flash import FlashConfig
+
+    if args.weights != "flash" and (args.flash_density != 0.5 or args.flash_window != 2):
+        raise TiermemError("--flash-density and --flash-window need --weights flash")
+    if args.weights == "flash" and args.weight_memory is not None:
+        raise TiermemError("--weight-memory applies to --weights resident or stream, not flash")
+    return FlashConfig(args.flash_density, args.flash_window)
+
+
+def stream_config(args: argparse.Namespace) -> Any:
+    """The :class:`StreamConfig` the weight arguments describe (also checks them against ``--weights``)."""
+    from tiermem.weights.stream import StreamConfig
+
+    stream_only = (
+        args.prefetch_layers is not None
+        or args.evict_layers != 1
+        or args.drop_page_cache
+        or args.weight_loader != "mmap"
+    )
+    if args.weights != "stream" and stream_only:
+        raise TiermemError(
+            "--prefetch-layers, --evict-layers, --drop-page-cache and --weight-loader need --weights stream"
+        )
+    return StreamConfig(
+        args.weight_memory, args.prefetch_layers, args.evict_layers, args.drop_page_cache, args.weight_loader
+    )
+
+
 def _add_policy_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default="full", help="policy name, optionally with options: snapkv:window_size=64")
     budget = parser.add_mutually_exclusive_group()
@@ -131,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--context-file", help="UTF-8 text file with the context")
     source.add_argument("--context", help="the context as text")
     gen.add_argument("--question", default="", help="question asked after the context")
+    _add_weight_args(gen)
     _add_policy_args(gen)
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
@@ -146,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="full vs SnapKV on one long prompt, side by side")
     _add_model_args(demo)
+
+    plan = sub.add_parser("plan", help="choose weight placement and KV policy for a memory limit (roofline model)")
+    plan.add_argument("--model", default="smollm2", help="smollm2, gemma3-270m, a local HF folder or a .gguf file")
+    plan.add_argument("--memory", type=parse_size, required=True, help="RAM for the whole process, e.g. 2GB")
+    plan.add_argument("--context", type=parse_tokens, required=True, help="prompt tokens, e.g. 32k")
+    plan.add_argument("--new-tokens", type=parse_tokens, default=32)
+    plan.add_argument("--cold", action="store_true", help="assume streamed layers come from disk, not page cache")
+    plan.add_argument("--reprobe", action="store_true", help="measure the machine again")
 
     sub.add_parser("policies", help="list the registered KV policies and their defaults")
     return parser
@@ -175,13 +225,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     if args.kv_dir and not Path(args.kv_dir).is_dir():
         raise TiermemError(f"KV store folder '{args.kv_dir}' does not exist")
-    lm = load(args.model, dtype=args.dtype)
+    weights = {"weights": args.weights, "stream": stream_config(args), "flash": flash_config(args)}
+    lm = load(args.model, dtype=args.dtype, **weights)
     prompt = build_prompt(lm, context, args.question, style=args.prompt_style)
 
     def echo(piece: str) -> None:
         print(piece, end="", flush=True)
 
-    result = generate(lm, prompt, policy, config, on_text=None if args.json else echo)
+    try:
+        result = generate(lm, prompt, policy, config, on_text=None if args.json else echo)
+    finally:
+        lm.close()
     stats = result.stats
     if args.json:
         record = {"text": result.text, "model": args.model, "finish_reason": result.finish_reason}
@@ -196,6 +250,57 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"decode {stats.decode_tokens_per_second:.1f} tok/s, peak RSS {stats.peak_rss_bytes / 2**20:.0f} MiB",
             file=sys.stderr,
         )
+        if args.weights == "stream":
+            extra = stats.extra
+            print(
+                f"[weights stream] {extra['weight_layers_held']} layers held, {extra['weight_loads']} loads, "
+                f"{int(extra['weight_bytes_read']) / 2**30:.2f} GiB read, waited {extra['weight_wait_seconds']} s",
+                file=sys.stderr,
+            )
+        if args.weights == "flash":
+            extra = stats.extra
+            print(
+                f"[weights flash] FFN bytes read per decoded token {int(extra['ffn_bytes_read_per_token']) / 2**20:.2f}"
+                f" MiB (resident FFNs read {int(extra['ffn_bytes_per_token_resident']) / 2**20:.1f} MiB)",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from transformers import AutoConfig
+
+    from tiermem.models import cache_root, resolve_source
+    from tiermem.plan.choose import candidates, choose, command, explain
+    from tiermem.plan.cost import Shapes, predict
+    from tiermem.plan.probe import probe
+
+    source = resolve_source(args.model)
+    shapes = Shapes.from_config(AutoConfig.from_pretrained(str(source), local_files_only=True))
+    machine = probe(cache_root() / "probe.json", force=args.reprobe)
+    options = candidates(shapes, machine, args.memory, args.context, args.new_tokens)
+    if args.cold:
+        for option in options:
+            option.config = dataclasses.replace(option.config, warm_page_cache=False)
+            option.prediction = predict(shapes, option.config, machine)
+    print(f"{'configuration':58s} {'decode ms/tok':>13s} {'prefill s':>10s} {'peak MiB':>9s}  fits")
+    for option in options:
+        p = option.prediction
+        fits = "yes" if p.peak_bytes <= args.memory else "no"
+        print(f"{option.label:58s} {p.decode_s * 1e3:13.1f} {p.prefill_s:10.1f} {p.peak_bytes / 2**20:9.0f}  {fits}")
+    choice = choose(options)
+    print(f"\nchoice: {choice.label}")
+    parts = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in choice.prediction.parts.items() if v > 0)
+    chosen = choice.prediction
+    print(
+        f"predicted: {chosen.decode_s * 1e3:.1f} ms per token ({parts} ms), "
+        f"prefill {chosen.prefill_s:.1f} s, peak {chosen.peak_bytes / 2**20:.0f} MiB"
+    )
+    for line in explain(shapes, machine, args.memory, args.context, choice):
+        print(f"  - {line}")
+    print(f"run: {command(args.model, choice, shapes)}")
     return 0
 
 
@@ -220,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    commands = {"generate": cmd_generate, "policies": cmd_policies}
+    commands = {"generate": cmd_generate, "policies": cmd_policies, "plan": cmd_plan}
     try:
         if args.command == "bench":
             from tiermem.bench.cli import cmd_bench

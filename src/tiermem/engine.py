@@ -206,6 +206,7 @@ def _run(
     stream = TextStream(lm, on_text)
     prefill_clock, decode_clock = Stopwatch(), Stopwatch()
     reset_peak_rss()
+    lm.reset_weight_stats()
 
     with torch.inference_mode(), patched_attention(lm.model):
         with prefill_clock:
@@ -247,4 +248,5 @@ def _run(
     stats.prefill_seconds = prefill_clock.seconds
     stats.decode_seconds = decode_clock.seconds
     stats.extra.update({"kv_disk_bytes": cache.store.disk_bytes, "kv_disk_reads": cache.store.reads})
+    stats.extra.update(lm.weight_stats())
     return Result(text=text, token_ids=ids, finish_reason=finish, stats=stats)

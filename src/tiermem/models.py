@@ -19,10 +19,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tiermem.errors import TiermemError
+from tiermem.weights.flash import FlashConfig, FlashWeights
+from tiermem.weights.shards import source_fingerprint
+from tiermem.weights.stream import StreamConfig, StreamedWeights, load_streamed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+WEIGHT_PLACEMENTS = ("resident", "stream", "flash")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -78,6 +82,19 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     source: Path
+    placement: StreamedWeights | FlashWeights | None = None  # set unless every weight is resident
+
+    def close(self) -> None:
+        """Stop the weight loader thread, if any (the model is unusable afterwards when streamed)."""
+        if self.placement is not None:
+            self.placement.close()
+
+    def reset_weight_stats(self) -> None:
+        if self.placement is not None:
+            self.placement.reset_counters()
+
+    def weight_stats(self) -> dict[str, float | int | str]:
+        return self.placement.stats() if self.placement is not None else {"weights": "resident"}
 
     @property
     def max_positions(self) -> int:
@@ -162,21 +179,57 @@ def resolve_source(name: str) -> Path:
     return target
 
 
-def load(name: str, dtype: str = "float32") -> LoadedModel:
-    """Load a causal LM by alias (``smollm2``, ``gemma3-270m``), local HF folder or GGUF path; offline only."""
+def _weights_bytes(source: Path) -> int:
+    return sum(f.stat().st_size for f in source.glob("*.safetensors"))
+
+
+def load(
+    name: str,
+    dtype: str = "float32",
+    weights: str = "resident",
+    stream: StreamConfig | None = None,
+    flash: FlashConfig | None = None,
+) -> LoadedModel:
+    """Load a causal LM by alias (``smollm2``, ``gemma3-270m``), local HF folder or GGUF path; offline only.
+
+    ``weights="stream"`` keeps the decoder layers on disk (a per-layer copy made once under the cache) and streams
+    them through the RAM slots ``stream`` allows; ``"flash"`` keeps each FFN's up and down projections on disk as
+    neuron bundles read on demand (``flash``); ``"resident"`` loads everything, and refuses a model larger than
+    ``stream.weight_memory`` when one is given.
+    """
     if dtype not in DTYPES:
         raise TiermemError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
+    if weights not in WEIGHT_PLACEMENTS:
+        raise TiermemError(f"unknown weight placement '{weights}': use one of {', '.join(WEIGHT_PLACEMENTS)}")
     source = resolve_source(name)
+    limit = stream.weight_memory if stream is not None else None
+    if weights == "resident" and limit is not None and _weights_bytes(source) > limit:
+        raise TiermemError(
+            f"the weights ({_weights_bytes(source) / 2**20:.0f} MiB on disk) exceed --weight-memory "
+            f"{limit / 2**20:.0f} MiB: use --weights stream"
+        )
+    placement = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=DTYPES[dtype], local_files_only=True)
+        if weights == "stream":
+            placement = load_streamed(source, DTYPES[dtype], stream or StreamConfig(), cache_root() / "layers")
+            model = placement.model
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(source), dtype=DTYPES[dtype], local_files_only=True)
+            if weights == "flash":
+                folder = cache_root() / "flash" / f"{source.name}-{source_fingerprint(source, DTYPES[dtype])}"
+                placement = FlashWeights(model, folder, flash or FlashConfig())
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        if isinstance(exc, TiermemError):
+            raise
         raise TiermemError(f"cannot load model from {source}: {type(exc).__name__}: {exc}") from None
     model_type = getattr(model.config, "model_type", "?")
     if model_type not in SUPPORTED_MODEL_TYPES:
+        if placement is not None:
+            placement.close()
         raise TiermemError(
             f"model type '{model_type}' is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     model.eval()
     model.requires_grad_(False)
-    return LoadedModel(name=name, model=model, tokenizer=tokenizer, source=source)
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, source=source, placement=placement)
