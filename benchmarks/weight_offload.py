@@ -15,8 +15,8 @@ margin (random weights give small margins, so a token mismatch at a near-tie is 
 
 Systems:
   tiermem-stream       ``tiermem.models.load(dir, weights="stream", StreamConfig(weight_memory=LIMIT))``: decoder
-              layers memory-mapped per layer, k layers populated ahead by a loader thread, evicted with MADV_DONTNEED
-              (the per-layer copy of the checkpoint is made once under $TIERMEM_CACHE before timing starts).
+              layers memory-mapped per layer, k layers populated ahead by a loader thread, dropped with
+              MADV_DONTNEED (the per-layer copy of the checkpoint is made once under $TIERMEM_CACHE before timing).
   tiermem-stream-read  the same with ``loader="read"``: each layer copied into one of k preallocated slots.
   tiermem-resident     every weight in RAM, tiermem's engine: the token reference for the streamed runs.
   tiermem prefills the prompt in one 512-token chunk (``--chunk-size``), with the ``full`` KV policy.
@@ -37,9 +37,11 @@ Systems:
   airllm-nogc AirLLM with ``clean_memory`` patched to a no-op: what its streaming costs without that gc pass.
   full        plain ``from_pretrained`` with everything in RAM: the no-offload upper bound and token reference.
 
-``--cold`` evicts the model's files from the page cache (posix_fadvise DONTNEED, only those files) before each
-system; without it, "disk" reads after the first pass come from the page cache. Results are appended as JSON lines
-to ``--out``; a system that fails is recorded with ``ok: false`` and its error.
+``--cgroup-memory 1536MB`` runs each system in a cgroup-v1 memory group of that size (RSS and page cache
+together, as on a machine with that much RAM): the model cannot stay in the page cache, so its bytes come from disk
+on every pass. ``--cold`` evicts the model's files from the page cache (posix_fadvise DONTNEED, only those files)
+before each system; without it, "disk" reads after the first pass come from the page cache. Results are appended
+as JSON lines to ``--out``; a system that fails is recorded with ``ok: false`` and its error.
 """
 
 from __future__ import annotations
@@ -350,6 +352,20 @@ def worker_command(system: str, args: argparse.Namespace) -> list[str]:
     return cmd
 
 
+CGROUP = Path("/sys/fs/cgroup/memory/tiermem-bench")
+
+
+def in_memory_cgroup(cmd: list[str], limit: str) -> list[str]:
+    """Run ``cmd`` in a cgroup-v1 memory group capped at ``limit`` (RSS and page cache together): a machine
+    with that much RAM, where a model larger than it cannot sit in the page cache between tokens. Needs root."""
+    from tiermem.cli import parse_size
+
+    CGROUP.mkdir(exist_ok=True)
+    (CGROUP / "memory.limit_in_bytes").write_text(str(parse_size(limit)))
+    (CGROUP / "memory.force_empty").write_text("0")  # drop what an earlier run left charged to the group
+    return ["sh", "-c", f'echo $$ > {CGROUP}/cgroup.procs && exec "$@"', "sh", *cmd]
+
+
 def run_system(system: str, args: argparse.Namespace) -> dict[str, Any]:
     record: dict[str, Any] = {
         "system": system,
@@ -376,6 +392,9 @@ def run_system(system: str, args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.setdefault("OMP_NUM_THREADS", str(args.threads))
     cmd = worker_command(system, args)
+    if args.cgroup_memory:
+        cmd = in_memory_cgroup(cmd, args.cgroup_memory)
+        record["cgroup_memory"] = args.cgroup_memory
     if system in AIRLLM_SYSTEMS and not Path(cmd[0]).exists():
         return record | {"ok": False, "error": f"AirLLM python {cmd[0]} not found (see --airllm-python)"}
     start = time.perf_counter()
@@ -426,6 +445,7 @@ def main() -> None:
     parser.add_argument("--tmp-dir", default=None, help="parent of accelerate's offload_folder")
     parser.add_argument("--cold", action="store_true", help="evict the model files from the page cache first")
     parser.add_argument("--chunk-size", type=int, default=512, help="tiermem's prefill chunk")
+    parser.add_argument("--cgroup-memory", help="run each system in a memory cgroup of this size (RAM + page cache)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per system")
     parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     args = parser.parse_args()

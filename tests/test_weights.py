@@ -190,3 +190,18 @@ def test_cli_weight_errors(capsys, tiny_model_dir: Path, tmp_path: Path, monkeyp
     assert_one_line_error(code, err, "use --weights stream")
     code, _, err = run_cli(capsys, *base, "--prefetch-layers", "2")
     assert_one_line_error(code, err, "need --weights stream")
+
+
+def test_truncated_checkpoint_is_a_clear_error_for_resident_and_stream(
+    capsys, tiny_model_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import shutil
+
+    monkeypatch.setenv("TIERMEM_CACHE", str(tmp_path / "cache"))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for placement in ("resident", "stream"):
+        code, _, err = run_cli(capsys, "generate", "--model", str(broken), "--context", "hi", "--weights", placement)
+        assert_one_line_error(code, err, str(broken))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tiermem.errors import TiermemError
@@ -219,7 +220,7 @@ def load(
             if weights == "flash":
                 folder = cache_root() / "flash" / f"{source.name}-{source_fingerprint(source, DTYPES[dtype])}"
                 placement = FlashWeights(model, folder, flash or FlashConfig())
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         if isinstance(exc, TiermemError):
             raise
         raise TiermemError(f"cannot load model from {source}: {type(exc).__name__}: {exc}") from None

@@ -112,38 +112,42 @@ class LayerPrefetcher:
             if nxt not in self._slot_of and nxt not in self._queue:
                 self._queue.append(nxt)
 
-    def _evict(self) -> None:
-        """Free up to ``evict_batch`` slots from the least recently released layers (caller holds the lock)."""
+    def _evict(self) -> list[tuple[int, int]]:
+        """Take up to ``evict_batch`` least recently released layers out of their slots (caller holds the lock);
+        the loader thread releases their memory after dropping the lock (``MADV_DONTNEED`` takes milliseconds)."""
+        evicted = []
         for _ in range(min(self.evict_batch, len(self._released))):
             layer, _ = self._released.popitem(last=False)
             slot = self._slot_of.pop(layer)
-            self.loader.evict(layer, slot)
             self._free.append(slot)
             self._ready.pop(layer, None)
             self.evictions += 1
+            evicted.append((layer, slot))
+        return evicted
 
-    def _next_load(self) -> tuple[int, int] | None:
-        """Wait for a queued layer and a slot for it; None when closed."""
+    def _next_load(self) -> tuple[int, int, list[tuple[int, int]]] | None:
+        """Wait for a queued layer and a slot for it; also the layers evicted to free it. None when closed."""
         with self._cond:
             while True:
                 if self._closed:
                     return None
                 if self._queue:
-                    if not self._free and self._released:
-                        self._evict()
+                    evicted = self._evict() if not self._free and self._released else []
                     if self._free:
                         layer = self._queue.popleft()
                         slot = self._free.pop()
                         self._slot_of[layer] = slot
                         self._ready.setdefault(layer, threading.Event())
                         self.max_held = max(self.max_held, len(self._slot_of))
-                        return layer, slot
+                        return layer, slot, evicted
                 self._cond.wait()
 
     def _work(self) -> None:
         while (job := self._next_load()) is not None:
-            layer, slot = job
+            layer, slot, evicted = job
             start = time.perf_counter()
+            for old_layer, old_slot in evicted:  # only this thread loads, so no slot is reused before this
+                self.loader.evict(old_layer, old_slot)
             try:
                 self.bytes_read += self.loader.load(layer, slot)
             except BaseException as exc:  # handed to the thread that waits for this layer

@@ -7,9 +7,10 @@ and releases the slot. The computation is the resident model's, on the same byte
 
 Memory accounting: the limit covers the resident group plus ``k`` layers. With the default ``mmap`` loader the
 layers held are populated file pages of a read-only map, counted in the process's RSS (``RssFile``) until eviction
-drops them (``MADV_DONTNEED``); with ``read`` they are ``k`` private slots. Either way the weights in the process
-never exceed the limit. The kernel's page cache may keep the files after eviction (it is not the process's memory
-and is reclaimed under pressure); ``drop_page_cache=True`` evicts them from it too, so every load is a disk read.
+drops them (``MADV_DONTNEED``); with ``read`` they are ``k`` private slots allocated once. Either way the weights in
+the process never exceed the limit. The kernel's page cache may keep the files after eviction (it is not the
+process's memory and is reclaimed under pressure); ``drop_page_cache=True`` evicts them from it too, so every load
+is a disk read.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class StreamConfig:
     prefetch_layers: int | None = None
     evict_layers: int = 1
     drop_page_cache: bool = False
-    loader: str = "mmap"  # "mmap": populate a memory map ahead of use; "read": copy into preallocated slots
+    loader: str = "mmap"  # "mmap": populate a memory map ahead of use; "read": copy into k preallocated slots
 
 
 def choose_k(store: LayerStore, config: StreamConfig) -> int:
