@@ -82,3 +82,20 @@ def test_cli_plan(capsys, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pyt
     assert "choice: resident + full" in out and "run: tiermem generate" in out
     code, _, err = run_cli(capsys, "plan", "--model", str(tiny_model_dir), "--memory", "1MB", "--context", "512")
     assert_one_line_error(code, err, "no configuration fits")
+
+
+def test_layer_profile_calibrates_the_prediction() -> None:
+    from tiermem.plan.layer_profile import profile_layer
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096)  # fmt: skip
+    profile = profile_layer(config, "full", context=1024, hot_tokens=1040)
+    assert profile.decode_s > 0 and profile.chunk_s > 0 and profile.hot_tokens == 1024
+    shapes = Shapes.from_config(config)
+    plain = Config("resident", "full", 1040, 0, 1024)
+    measured = Config("resident", "full", 1024, 0, 1024, profile=profile)
+    p = predict(shapes, measured, MACHINE)
+    assert p.parts["layers (measured)"] == pytest.approx(4 * profile.decode_s, rel=1e-6)  # same hot set
+    assert "weights" in predict(shapes, plain, MACHINE).parts
+    longer = predict(shapes, Config("resident", "full", 4000, 0, 4000, profile=profile), MACHINE)
+    assert longer.decode_s > p.decode_s and longer.prefill_s > p.prefill_s

@@ -201,6 +201,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def summary_lines(policy: str, weights: str, stats: Any) -> list[str]:
+    """The cost summary ``generate`` prints after the answer: KV and time, then what the weights cost."""
+    extra = stats.extra
+    lines = [
+        f"[{policy}] prompt {stats.prompt_tokens} tok, KV kept {stats.kv_tokens} tok, "
+        f"KV peak {stats.kv_bytes_peak / 2**20:.1f} MiB, prefill {stats.prefill_seconds:.2f} s, "
+        f"decode {stats.decode_tokens_per_second:.1f} tok/s, peak RSS {stats.peak_rss_bytes / 2**20:.0f} MiB"
+    ]
+    if weights == "stream":
+        lines.append(
+            f"[weights stream] {extra['weight_layers_held']} layers held, {extra['weight_loads']} loads, "
+            f"{int(extra['weight_bytes_read']) / 2**30:.2f} GiB read, waited {extra['weight_wait_seconds']} s"
+        )
+    if weights == "flash":
+        lines.append(
+            f"[weights flash] FFN bytes read per decoded token {int(extra['ffn_bytes_read_per_token']) / 2**20:.2f}"
+            f" MiB (resident FFNs read {int(extra['ffn_bytes_per_token_resident']) / 2**20:.1f} MiB)"
+        )
+    return lines
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from tiermem.engine import GenerationConfig, generate
     from tiermem.models import load
@@ -244,26 +265,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps(record))
     else:
         print()
-        print(
-            f"[{policy.name}] prompt {stats.prompt_tokens} tok, KV kept {stats.kv_tokens} tok, "
-            f"KV peak {stats.kv_bytes_peak / 2**20:.1f} MiB, prefill {stats.prefill_seconds:.2f} s, "
-            f"decode {stats.decode_tokens_per_second:.1f} tok/s, peak RSS {stats.peak_rss_bytes / 2**20:.0f} MiB",
-            file=sys.stderr,
-        )
-        if args.weights == "stream":
-            extra = stats.extra
-            print(
-                f"[weights stream] {extra['weight_layers_held']} layers held, {extra['weight_loads']} loads, "
-                f"{int(extra['weight_bytes_read']) / 2**30:.2f} GiB read, waited {extra['weight_wait_seconds']} s",
-                file=sys.stderr,
-            )
-        if args.weights == "flash":
-            extra = stats.extra
-            print(
-                f"[weights flash] FFN bytes read per decoded token {int(extra['ffn_bytes_read_per_token']) / 2**20:.2f}"
-                f" MiB (resident FFNs read {int(extra['ffn_bytes_per_token_resident']) / 2**20:.1f} MiB)",
-                file=sys.stderr,
-            )
+        print("\n".join(summary_lines(policy.name, args.weights, stats)), file=sys.stderr)
     return 0
 
 
@@ -273,14 +275,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     from tiermem.models import cache_root, resolve_source
-    from tiermem.plan.choose import candidates, choose, command, explain
+    from tiermem.plan.choose import candidates, choose, command, explain, kv_options
     from tiermem.plan.cost import Shapes, predict
+    from tiermem.plan.layer_profile import profile_layer
     from tiermem.plan.probe import probe
 
     source = resolve_source(args.model)
-    shapes = Shapes.from_config(AutoConfig.from_pretrained(str(source), local_files_only=True))
+    hf_config = AutoConfig.from_pretrained(str(source), local_files_only=True)
+    shapes = Shapes.from_config(hf_config)
     machine = probe(cache_root() / "probe.json", force=args.reprobe)
-    options = candidates(shapes, machine, args.memory, args.context, args.new_tokens)
+    profiles = {}  # one measured decoder layer of this model per KV policy (a few seconds each)
+    for kv in kv_options(shapes, args.context, args.new_tokens, args.memory):
+        profiles[kv.policy] = profile_layer(hf_config, kv.policy, min(args.context, 2048), kv.hot_tokens)
+    options = candidates(shapes, machine, args.memory, args.context, args.new_tokens, profiles)
     if args.cold:
         for option in options:
             option.config = dataclasses.replace(option.config, warm_page_cache=False)

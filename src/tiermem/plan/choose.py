@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from tiermem.errors import TiermemError
 from tiermem.plan.cost import Config, Prediction, Shapes, predict
+from tiermem.plan.layer_profile import LayerProfile
 from tiermem.plan.probe import Machine
 
 MIB = 2**20
@@ -36,32 +37,51 @@ class Candidate:
         return f"{self.config.weights}{held} + {self.config.kv_policy}"
 
 
-def _kv_options(shapes: Shapes, context: int, new_tokens: int, memory: int, chunk: int) -> list[tuple[str, int, int]]:
-    """(policy spec, hot tokens, KV bytes in RAM) for each KV choice that applies."""
+@dataclass(frozen=True)
+class KVOption:
+    policy: str  # the registered policy the layer profile runs
+    spec: str  # the command-line form, with its --kv-memory
+    hot_tokens: int
+    kv_ram_bytes: int
+
+
+def kv_options(shapes: Shapes, context: int, new_tokens: int, memory: int, chunk: int = 512) -> list[KVOption]:
+    """Each KV choice that applies, with its hot set and the KV bytes it holds in RAM."""
     per_token = shapes.kv_bytes_per_token
     options = []
     if context + new_tokens <= shapes.max_positions:
-        options.append(("full", context + new_tokens, (context + new_tokens) * per_token))
+        options.append(KVOption("full", "full", context + new_tokens, (context + new_tokens) * per_token))
     floor = 2 * (INFLLM_SMALL_HOT + chunk) * per_token  # hot set plus a working margin of blocks
     kv_memory = max(floor, min((context + new_tokens) * per_token, memory // 8))
-    options.append((f"infllm-small --kv-memory {kv_memory // MIB}MB", INFLLM_SMALL_HOT, kv_memory))
+    spec = f"infllm-small --kv-memory {kv_memory // MIB}MB"
+    options.append(KVOption("infllm-small", spec, INFLLM_SMALL_HOT, kv_memory))
     return options
 
 
 def candidates(
-    shapes: Shapes, machine: Machine, memory: int, context: int, new_tokens: int, chunk: int = 512
+    shapes: Shapes,
+    machine: Machine,
+    memory: int,
+    context: int,
+    new_tokens: int,
+    profiles: dict[str, LayerProfile] | None = None,
+    chunk: int = 512,
 ) -> list[Candidate]:
+    """Resident and (if resident does not fit) streamed weights for each KV option; ``profiles`` maps a policy
+    name to its measured layer (without one, the pure roofline is used)."""
     out = []
-    for policy, hot, kv_ram in _kv_options(shapes, context, new_tokens, memory, chunk):
-        exact = policy == "full"
-        resident = Config("resident", policy, hot, kv_ram, context, chunk)
+    for option in kv_options(shapes, context, new_tokens, memory, chunk):
+        policy, hot, kv_ram = option.spec, option.hot_tokens, option.kv_ram_bytes
+        profile = (profiles or {}).get(option.policy)
+        exact = option.policy == "full"
+        resident = Config("resident", policy, hot, kv_ram, context, chunk, profile=profile)
         prediction = predict(shapes, resident, machine)
         out.append(Candidate(resident, prediction, prediction.peak_bytes <= memory, exact))
         if prediction.peak_bytes <= memory:
             continue
-        without_layers = predict(shapes, Config("stream", policy, hot, kv_ram, context, chunk, k=0), machine)
-        k = min(shapes.layers, int((memory - without_layers.peak_bytes) // shapes.layer_bytes))
-        stream = Config("stream", policy, hot, kv_ram, context, chunk, k=max(k, 1))
+        empty = Config("stream", policy, hot, kv_ram, context, chunk, k=0, profile=profile)
+        k = min(shapes.layers, int((memory - predict(shapes, empty, machine).peak_bytes) // shapes.layer_bytes))
+        stream = Config("stream", policy, hot, kv_ram, context, chunk, k=max(k, 1), profile=profile)
         streamed = predict(shapes, stream, machine)
         out.append(Candidate(stream, streamed, k >= 1 and streamed.peak_bytes <= memory, exact))
     return out

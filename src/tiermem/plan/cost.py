@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from tiermem.plan.layer_profile import LayerProfile
 from tiermem.plan.probe import Machine
 
 
@@ -85,6 +86,7 @@ class Config:
     chunk: int = 512
     k: int = 0  # stream: layers held in RAM
     warm_page_cache: bool = True  # stream: the layer files stay in the page cache between passes
+    profile: LayerProfile | None = None  # a measured layer of this model under this policy (else pure roofline)
 
 
 @dataclass
@@ -99,42 +101,63 @@ def _roofline(flops: float, nbytes: float, machine: Machine) -> float:
     return max(flops / machine.gemm_flops, nbytes / machine.gemv_bytes)
 
 
-def _load_s(shapes: Shapes, config: Config, machine: Machine) -> float:
-    """Seconds to load one layer in a streaming pass (0 when every layer stays held)."""
-    if config.weights != "stream" or config.k >= shapes.layers:
+def _attention_bytes(shapes: Shapes, tokens: int) -> int:
+    return tokens * 2 * shapes.kv_heads * shapes.head_dim * shapes.dtype_bytes
+
+
+def _streamed(shapes: Shapes, config: Config) -> bool:
+    return config.weights == "stream" and config.k < shapes.layers
+
+
+def _stream_floor(shapes: Shapes, config: Config, machine: Machine) -> float:
+    """Least seconds a streamed layer takes: the loader's own rate, and, from the page cache, the memory bus shared
+    by the GEMV (layer bytes read once) and the copy into a slot (read and written): 3x the layer's bytes."""
+    if not _streamed(shapes, config):
         return 0.0
-    rate = machine.load_bytes if config.warm_page_cache else machine.disk_bytes
-    return shapes.layer_bytes / rate
+    if not config.warm_page_cache:
+        return shapes.layer_bytes / machine.disk_bytes
+    return max(shapes.layer_bytes / machine.load_bytes, 3 * shapes.layer_bytes / machine.gemv_bytes)
 
 
 def decode_parts(shapes: Shapes, config: Config, machine: Machine) -> dict[str, float]:
     """Seconds per generated token, by cause."""
-    weights = _roofline(2 * shapes.layer_params, shapes.layer_bytes, machine)
-    kv = config.hot_tokens * 2 * shapes.kv_heads * shapes.head_dim * shapes.dtype_bytes
-    attention = _roofline(4 * config.hot_tokens * shapes.heads * shapes.head_dim, kv, machine)
-    compute = weights + attention + machine.layer_overhead_s
-    load = _load_s(shapes, config, machine)
-    stall = max(load - compute, 0.0)  # the loader runs beside compute; only the excess shows
+    attention_bytes = _attention_bytes(shapes, config.hot_tokens)
+    attention = _roofline(4 * config.hot_tokens * shapes.heads * shapes.head_dim, attention_bytes, machine)
+    profile = config.profile
+    if profile is not None:  # measured layer; scale its attention to this run's hot set
+        measured = _attention_bytes(shapes, profile.hot_tokens) / machine.gemv_bytes
+        layer, fixed = max(profile.decode_s + attention - measured, 0.0), profile.forward_s
+        parts = {"layers (measured)": shapes.layers * layer}
+    else:
+        weights = _roofline(2 * shapes.layer_params, shapes.layer_bytes, machine)
+        layer, fixed = weights + attention + machine.layer_overhead_s, 0.0
+        parts = {
+            "weights": shapes.layers * weights,
+            "attention": shapes.layers * attention,
+            "overhead": shapes.layers * machine.layer_overhead_s,
+        }
+    stall = max(_stream_floor(shapes, config, machine) - layer, 0.0)  # the loader overlaps; only the excess shows
     head = _roofline(2 * shapes.vocab * shapes.hidden, shapes.vocab * shapes.hidden * shapes.dtype_bytes, machine)
-    return {
-        "weights": shapes.layers * weights,
-        "attention": shapes.layers * attention,
-        "overhead": shapes.layers * machine.layer_overhead_s,
-        "load stall": shapes.layers * stall,
-        "head": head,
-    }
+    return parts | {"load stall": shapes.layers * stall, "head": head, "per forward": fixed}
 
 
 def prefill_s(shapes: Shapes, config: Config, machine: Machine) -> float:
     """Seconds to prefill ``config.context`` tokens in chunks, each attending to at most ``hot + chunk`` tokens."""
     total, done = 0.0, 0
+    profile = config.profile
     while done < config.context:
         chunk = min(config.chunk, config.context - done)
         attended = min(done, config.hot_tokens) + chunk
-        weights = _roofline(2 * chunk * shapes.layer_params, shapes.layer_bytes, machine)
         attention = 4 * chunk * attended * shapes.heads * shapes.head_dim / machine.gemm_flops
-        compute = weights + attention + machine.layer_overhead_s
-        total += shapes.layers * max(compute, _load_s(shapes, config, machine))
+        if profile is not None:  # measured chunk, its attention rescaled to this chunk's attended tokens
+            typical = min(profile.context // 2, profile.hot_tokens) + profile.chunk
+            measured = 4 * profile.chunk * typical * shapes.heads * shapes.head_dim / machine.gemm_flops
+            compute = (profile.chunk_s - measured) * chunk / profile.chunk + attention
+        else:
+            weights = _roofline(2 * chunk * shapes.layer_params, shapes.layer_bytes, machine)
+            compute = weights + attention + machine.layer_overhead_s
+        load = _stream_floor(shapes, config, machine)
+        total += shapes.layers * max(compute, load) + (profile.forward_s if profile else 0.0)
         done += chunk
     return total
 

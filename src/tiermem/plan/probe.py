@@ -3,8 +3,7 @@
 Measured, not read from spec sheets (FlexGen fits its constants to real runs for the same reason):
 - ``gemm_flops``: fp32 matrix multiply rate at prefill-like shapes (FLOP/s);
 - ``gemv_bytes``: the rate a matrix-vector product streams weights from RAM (bytes/s): decode is bound by it;
-- ``load_bytes``: how fast a layer's pages become usable from the page cache (``MADV_POPULATE_READ`` of a
-  mapped file, tiermem's streaming path when the file is cached);
+- ``load_bytes``: how fast a cached layer file is read into a preallocated buffer (streaming's default loader);
 - ``disk_bytes``: a cold sequential read (the file dropped from the page cache first);
 - ``layer_overhead_s``: the fixed cost of one decoder layer's forward at one token through tiermem's attention
   path (Python, dispatch, small ops), measured on a tiny model: at 135M parameters it outweighs the arithmetic;
@@ -16,7 +15,6 @@ Results are cached per machine (CPU model, threads) under the tiermem cache; ``f
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import platform
 import tempfile
@@ -27,8 +25,6 @@ from pathlib import Path
 import torch
 
 from tiermem.stats import current_rss_bytes
-
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 
 @dataclass(frozen=True)
@@ -68,26 +64,28 @@ def _gemv_bytes() -> float:
 
 
 def _file_rates(folder: Path, size: int = 256 * 2**20) -> tuple[float, float]:
-    """(page-cache populate rate, cold sequential read rate) in bytes/s, on a temporary file in ``folder``."""
+    """(page-cache read rate, cold sequential read rate) in bytes/s, on a temporary file in ``folder``.
+
+    The first is what streaming's ``read`` loader gets from a cached layer file: one ``readinto`` into a buffer
+    allocated once."""
+    buffer = torch.empty(size, dtype=torch.uint8)
+    target = memoryview(buffer.numpy())  # type: ignore[arg-type]
     with tempfile.NamedTemporaryFile(dir=folder, prefix="tiermem-probe-") as handle:
         handle.write(os.urandom(2**20) * (size // 2**20))
         handle.flush()
         os.fsync(handle.fileno())
-        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
 
-        def populate() -> None:
-            mapped.madvise(mmap.MADV_DONTNEED)
-            mapped.madvise(MADV_POPULATE_READ)
+        def read_all() -> None:
+            with open(handle.name, "rb", buffering=0) as cached:
+                done = 0
+                while done < size:
+                    done += cached.readinto(target[done:]) or size
 
-        populate()  # the first pass reads the file into the page cache
-        load = size / _best_of(3, populate)
-        mapped.close()
+        read_all()  # the first pass brings the file into the page cache and commits the buffer's pages
+        load = size / _best_of(3, read_all)
         os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        buffer = bytearray(16 * 2**20)
         start = time.perf_counter()
-        with open(handle.name, "rb", buffering=0) as cold:
-            while cold.readinto(buffer):
-                pass
+        read_all()
         disk = size / (time.perf_counter() - start)
     return load, disk
 
