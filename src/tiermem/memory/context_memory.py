@@ -62,6 +62,10 @@ class ContextMemoryPolicy(Policy):
         """Most tokens a query may retrieve from memory (for sizing and the memory check)."""
         raise NotImplementedError
 
+    def typical_block_tokens(self) -> int:
+        """Tokens per memory block, for sizing the hot retrieval keys (one per block)."""
+        raise NotImplementedError
+
     def local_slots(self) -> int:
         """Window buffer size: the window, a chunk, and up to one chunk of graduated tokens awaiting compaction."""
         return self.n_local + 2 * self.exc_block_size
@@ -73,7 +77,9 @@ class ContextMemoryPolicy(Policy):
         window = min(total_tokens, self.local_slots()) * (kv + 8 * info.num_kv_heads + 4 * info.num_heads)
         # init, retrieved set, remainder and edge tokens (the remainder is bounded by a block plus a chunk)
         memory = (self.n_init + self.global_capacity() + self.exc_block_size) * kv
-        return window + min(memory, total_tokens * kv)
+        # one retrieval key (all query heads) per block stays hot: it grows with the context, blocks do not
+        repr_bytes = (total_tokens // self.typical_block_tokens()) * kv * info.num_heads // (2 * info.num_kv_heads)
+        return window + min(memory, total_tokens * kv) + repr_bytes
 
 
 class ContextMemoryLayer(TierLayer):

@@ -46,6 +46,9 @@ class InfLLM(ContextMemoryPolicy):
     def global_capacity(self) -> int:
         return self.topk * self.block_size + self.block_size
 
+    def typical_block_tokens(self) -> int:
+        return self.block_size
+
     def make_global_layer(self, info: LayerInfo) -> TierLayer:
         return InfLLMLayer(info, self)
 
