@@ -205,3 +205,19 @@ def test_truncated_checkpoint_is_a_clear_error_for_resident_and_stream(
     for placement in ("resident", "stream"):
         code, _, err = run_cli(capsys, "generate", "--model", str(broken), "--context", "hi", "--weights", placement)
         assert_one_line_error(code, err, str(broken))
+
+
+def test_missing_tensor_in_checkpoint_is_a_clear_error(
+    capsys, tiny_model_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import shutil
+
+    monkeypatch.setenv("TIERMEM_CACHE", str(tmp_path / "cache"))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    for placement in ("resident", "stream"):
+        code, _, err = run_cli(capsys, "generate", "--model", str(broken), "--context", "hi", "--weights", placement)
+        assert_one_line_error(code, err, "lacks tensors the model needs: model.layers.1.mlp.up_proj.weight")

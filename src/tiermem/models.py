@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -216,7 +217,13 @@ def load(
             placement = load_streamed(source, DTYPES[dtype], stream or StreamConfig(), cache_root() / "layers")
             model = placement.model
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(source), dtype=DTYPES[dtype], local_files_only=True)
+            loaded: Any = AutoModelForCausalLM.from_pretrained(
+                str(source), dtype=DTYPES[dtype], local_files_only=True, output_loading_info=True
+            )
+            model, info = loaded
+            if info.get("missing_keys"):  # transformers would fill them with random values
+                missing = sorted(info["missing_keys"])
+                raise TiermemError(f"model folder {source} lacks tensors the model needs: {', '.join(missing[:3])}")
             if weights == "flash":
                 folder = cache_root() / "flash" / f"{source.name}-{source_fingerprint(source, DTYPES[dtype])}"
                 placement = FlashWeights(model, folder, flash or FlashConfig())
