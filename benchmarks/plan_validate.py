@@ -6,7 +6,8 @@ Probes the machine once (``--reprobe`` measures again), then for each configurat
 own subprocess (so peaks do not mix) with tiermem's engine: a random-token prompt of the given length, 16 new
 tokens with EOS ignored, and compares with the cost model's prediction for the same configuration. Configurations:
 SmolLM2 resident with full attention at 2k tokens and with infllm-small at 8k; the random 1.1B Llama (from
-``benchmarks/make_random_llama.py``) resident and streamed with 3 layers held, at 512 tokens.
+``benchmarks/make_random_llama.py``) resident and streamed with 3 layers held (the read loader, the one the
+planner models), at 512 tokens.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     from tiermem.prompts import Prompt
     from tiermem.weights.stream import StreamConfig
 
-    stream = StreamConfig(prefetch_layers=spec["k"]) if spec["weights"] == "stream" else None
+    stream = StreamConfig(prefetch_layers=spec["k"], loader="read") if spec["weights"] == "stream" else None
     lm = load(spec["model"], weights=spec["weights"], stream=stream)
     rng = random.Random(0)
     ids = torch.tensor([[rng.randrange(256, lm.model.config.vocab_size) for _ in range(spec["context"])]])

@@ -7,7 +7,10 @@ arithmetic intensity is about T FLOP/byte: decode (T = 1) is a GEMV bound by ban
 head), so it is bandwidth-bound too. Each layer also pays a measured fixed overhead (Python and dispatch).
 
 Weight streaming adds a load per layer per pass unless all layers fit (k = L); the loader thread overlaps loads
-with compute, so a streamed layer costs ``max(compute, load)`` (the pipeline's steady state).
+with compute, so a streamed layer costs ``max(compute, load)`` (the pipeline's steady state), the load at the read
+loader's measured rate (one ``readinto`` from the page cache, or from disk when cold). The mmap loader's cost
+(page-table population) depends on the page cache's folio sizes and is not modelled; the planner proposes the read
+loader.
 """
 
 from __future__ import annotations
@@ -110,13 +113,11 @@ def _streamed(shapes: Shapes, config: Config) -> bool:
 
 
 def _stream_floor(shapes: Shapes, config: Config, machine: Machine) -> float:
-    """Least seconds a streamed layer takes: the loader's own rate, and, from the page cache, the memory bus shared
-    by the GEMV (layer bytes read once) and the copy into a slot (read and written): 3x the layer's bytes."""
+    """Least seconds a streamed layer takes: its load at the read loader's measured rate (page cache or disk)."""
     if not _streamed(shapes, config):
         return 0.0
-    if not config.warm_page_cache:
-        return shapes.layer_bytes / machine.disk_bytes
-    return max(shapes.layer_bytes / machine.load_bytes, 3 * shapes.layer_bytes / machine.gemv_bytes)
+    rate = machine.load_bytes if config.warm_page_cache else machine.disk_bytes
+    return shapes.layer_bytes / rate
 
 
 def decode_parts(shapes: Shapes, config: Config, machine: Machine) -> dict[str, float]:
