@@ -1,11 +1,11 @@
 """A one-layer calibration of the model's own shapes under a KV policy: what a decoder layer costs here.
 
-The machine's GEMV rate alone underestimated decode time by 17-54% (BENCHMARKS.md): small matrices do not reach
-the streaming rate, and each layer pays for norms, RoPE, attention bookkeeping and the policy's retrieval. So the
-planner builds the model's architecture with one decoder layer (random weights, a small vocabulary: the layer's
-shapes are the model's), runs it under the policy through tiermem's engine for ``context`` tokens in 512-token
-chunks, then decodes a few tokens, and keeps per-layer times. The roofline then scales these to other contexts
-(attention bytes and FLOPs) and placements (loads, shared memory bandwidth).
+The machine's GEMV rate alone predicted 0.45-0.89x of the measured decode time (BENCHMARKS.md): small matrices do
+not reach the streaming rate, and each layer pays for norms, RoPE, attention bookkeeping and the policy's
+retrieval. So the planner builds the model's architecture with one and with two decoder layers (random weights, a
+small vocabulary: the layers' shapes are the model's), runs each under the policy through tiermem's engine for
+``context`` tokens in 512-token chunks, then decodes a few tokens; the difference is one layer's cost. The
+roofline then scales it to other contexts (attention bytes and FLOPs) and placements (layer loads).
 """
 
 from __future__ import annotations
