@@ -192,32 +192,31 @@ def test_cli_weight_errors(capsys, tiny_model_dir: Path, tmp_path: Path, monkeyp
     assert_one_line_error(code, err, "need --weights stream")
 
 
-def test_truncated_checkpoint_is_a_clear_error_for_resident_and_stream(
-    capsys, tiny_model_dir: Path, tmp_path: Path, monkeypatch
-) -> None:
+@pytest.fixture()
+def broken(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the tiny model folder for a test to damage (with its own tiermem cache)."""
     import shutil
 
     monkeypatch.setenv("TIERMEM_CACHE", str(tmp_path / "cache"))
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_model_dir, broken)
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, folder)
+    return folder
+
+
+def assert_both_placements_refuse(capsys, folder: Path, needle: str) -> None:
+    for placement in ("resident", "stream"):
+        code, _, err = run_cli(capsys, "generate", "--model", str(folder), "--context", "hi", "--weights", placement)
+        assert_one_line_error(code, err, needle)
+
+
+def test_truncated_checkpoint_is_a_clear_error_for_resident_and_stream(capsys, broken: Path) -> None:
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    for placement in ("resident", "stream"):
-        code, _, err = run_cli(capsys, "generate", "--model", str(broken), "--context", "hi", "--weights", placement)
-        assert_one_line_error(code, err, str(broken))
+    assert_both_placements_refuse(capsys, broken, str(broken))
 
 
-def test_missing_tensor_in_checkpoint_is_a_clear_error(
-    capsys, tiny_model_dir: Path, tmp_path: Path, monkeypatch
-) -> None:
-    import shutil
-
-    monkeypatch.setenv("TIERMEM_CACHE", str(tmp_path / "cache"))
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_model_dir, broken)
+def test_missing_tensor_in_checkpoint_is_a_clear_error(capsys, broken: Path) -> None:
     tensors = load_file(str(broken / "model.safetensors"))
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
-    for placement in ("resident", "stream"):
-        code, _, err = run_cli(capsys, "generate", "--model", str(broken), "--context", "hi", "--weights", placement)
-        assert_one_line_error(code, err, "lacks tensors the model needs: model.layers.1.mlp.up_proj.weight")
+    assert_both_placements_refuse(capsys, broken, "lacks tensors the model needs: model.layers.1.mlp.up_proj.weight")
