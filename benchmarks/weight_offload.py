@@ -40,9 +40,10 @@ Systems:
 ``--cgroup-memory 1536MB`` runs each system in a cgroup-v1 memory group of that size (RSS and page cache
 together, as on a machine with that much RAM): the model cannot stay in the page cache, so its bytes come from disk
 on every pass. Combine it with ``--cold``: pages cached before the run stay charged to the group that read them, so
-without it the limit does not bind. ``--cold`` evicts the model's files from the page cache (posix_fadvise DONTNEED, only those files)
-before each system; without it, "disk" reads after the first pass come from the page cache. Results are appended
-as JSON lines to ``--out``; a system that fails is recorded with ``ok: false`` and its error.
+without it the limit does not bind. ``--cold`` evicts the model's files from the page cache (posix_fadvise
+DONTNEED, only those files) before each system; without it, "disk" reads after the first pass come from the page
+cache. Results are appended as JSON lines to ``--out``; a system that fails is recorded with ``ok: false`` and its
+error.
 """
 
 from __future__ import annotations
