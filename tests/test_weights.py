@@ -159,6 +159,20 @@ def test_limits_below_one_layer_are_refused(source, tmp_path: Path) -> None:
         streamed(source, tmp_path, prefetch_layers=2, evict_layers=3)
 
 
+def test_a_failed_load_raises_in_the_waiting_thread_every_time(source, tmp_path: Path) -> None:
+    folder = _store_folder(source, tmp_path)
+    store = open_store(folder)  # validated while whole; the file is cut afterwards, while the model runs
+    shard = folder / "layer_0000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    prefetcher = LayerPrefetcher(store, 2, loader="read")
+    try:
+        for _ in range(2):  # a retry loads again and fails again, never a stale "ready"
+            with pytest.raises(TiermemError, match="truncated while reading"):
+                prefetcher.acquire(0)
+    finally:
+        prefetcher.close()
+
+
 def test_prefetcher_rejects_bad_k(source, tmp_path: Path) -> None:
     folder = _store_folder(source, tmp_path)
     with pytest.raises(ValueError):

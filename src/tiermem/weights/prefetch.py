@@ -38,7 +38,6 @@ class LayerPrefetcher:
         self._slot_of: dict[int, int] = {}  # layer -> slot, for layers loaded or being loaded
         self._ready: dict[int, threading.Event] = {}
         self._errors: dict[int, BaseException] = {}
-        self._in_use: set[int] = set()
         self._released: OrderedDict[int, None] = OrderedDict()  # evictable, least recently released first
         self._queue: deque[int] = deque()
         self._cond = threading.Condition()
@@ -71,7 +70,6 @@ class LayerPrefetcher:
         """Block until ``layer`` is loaded; return its tensors as views into its slot and schedule the next ones."""
         with self._cond:
             self._released.pop(layer, None)  # held from an earlier pass: no longer evictable
-            self._in_use.add(layer)
             if layer not in self._slot_of:  # not loaded yet: it is needed now, ahead of any look-ahead
                 if layer in self._queue:
                     self._queue.remove(layer)
@@ -84,7 +82,6 @@ class LayerPrefetcher:
         self.wait_seconds += time.perf_counter() - start
         with self._cond:
             if layer in self._errors:
-                self._in_use.discard(layer)
                 raise self._errors.pop(layer)
             slot = self._slot_of[layer]
         return self.loader.tensors(layer, slot)
@@ -92,7 +89,6 @@ class LayerPrefetcher:
     def release(self, layer: int) -> None:
         """``layer`` finished computing: its slot may be reused (its views must no longer be used)."""
         with self._cond:
-            self._in_use.discard(layer)
             self._released[layer] = None
             self._cond.notify_all()
 
@@ -157,5 +153,7 @@ class LayerPrefetcher:
             self.read_seconds += time.perf_counter() - start
             self.loads += 1
             with self._cond:
-                self._ready[layer].set()
+                # A failed load leaves no layer behind: its set event goes too, so a retry waits for a new load.
+                event = self._ready.pop(layer) if layer in self._errors else self._ready[layer]
+                event.set()
                 self._cond.notify_all()
