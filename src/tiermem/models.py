@@ -205,9 +205,9 @@ def load(
         raise TiermemError(f"unknown weight placement '{weights}': use one of {', '.join(WEIGHT_PLACEMENTS)}")
     source = resolve_source(name)
     limit = stream.weight_memory if stream is not None else None
-    if weights == "resident" and limit is not None and _weights_bytes(source) > limit:
+    if weights == "resident" and limit is not None and (on_disk := _weights_bytes(source)) > limit:
         raise TiermemError(
-            f"the weights ({_weights_bytes(source) / 2**20:.0f} MiB on disk) exceed --weight-memory "
+            f"the weights ({on_disk / 2**20:.0f} MiB on disk) exceed --weight-memory "
             f"{limit / 2**20:.0f} MiB: use --weights stream"
         )
     placement = None

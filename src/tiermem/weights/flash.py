@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from tiermem.errors import TiermemError
+from tiermem.weights.stream import decoder_layers
 
 
 @dataclass
@@ -181,10 +182,8 @@ class FlashWeights:
     def __init__(self, model: nn.Module, folder: Path, config: FlashConfig):
         self.config, self.counters = config, FlashCounters()
         self.mlps: list[FlashMLP] = []
-        layers = model.get_submodule("model.layers")
-        assert isinstance(layers, nn.ModuleList)
         folder.mkdir(parents=True, exist_ok=True)
-        for index, layer in enumerate(layers):
+        for index, layer in enumerate(decoder_layers(model)):
             path = folder / f"bundles_{index:04d}.bin"
             mlp = layer.get_submodule("mlp")
             up = mlp.get_parameter("up_proj.weight")

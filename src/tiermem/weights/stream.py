@@ -103,7 +103,7 @@ class StreamedWeights:
         self.model, self.store, self.config = model, store, config
         self.k = choose_k(store, config)
         self._load_resident()
-        self.layers = _decoder_layers(model)
+        self.layers = decoder_layers(model)
         if len(self.layers) != len(store.layers):
             raise TiermemError(f"the model has {len(self.layers)} layers, the store {len(store.layers)}")
         # The meta placeholders each layer gets back after its forward (its slot may then be reused).
@@ -175,11 +175,12 @@ class StreamedWeights:
         self.prefetcher.close()
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """``model.layers`` of a decoder-only HF model, or a one-line error for other shapes."""
     try:
         layers = model.get_submodule("model.layers")
     except AttributeError:
-        raise TiermemError("layer streaming needs a decoder with model.layers (Llama, Qwen, Mistral, Gemma)") from None
+        raise TiermemError("weight placement needs a decoder with model.layers (Llama, Qwen, Mistral, Gemma)") from None
     assert isinstance(layers, nn.ModuleList)
     return layers
 
