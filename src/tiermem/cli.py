@@ -270,13 +270,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from transformers import AutoConfig
 
     from tiermem.models import cache_root, resolve_source
     from tiermem.plan.choose import candidates, choose, command, explain, kv_options
-    from tiermem.plan.cost import Shapes, predict
+    from tiermem.plan.cost import Shapes
     from tiermem.plan.layer_profile import profile_layer
     from tiermem.plan.probe import probe
 
@@ -287,11 +285,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     profiles = {}  # one measured decoder layer of this model per KV policy (a few seconds each)
     for kv in kv_options(shapes, args.context, args.new_tokens, args.memory):
         profiles[kv.policy] = profile_layer(hf_config, kv.policy, min(args.context, 2048), kv.hot_tokens)
-    options = candidates(shapes, machine, args.memory, args.context, args.new_tokens, profiles)
-    if args.cold:
-        for option in options:
-            option.config = dataclasses.replace(option.config, warm_page_cache=False)
-            option.prediction = predict(shapes, option.config, machine)
+    warm = not args.cold
+    options = candidates(shapes, machine, args.memory, args.context, args.new_tokens, profiles, warm_page_cache=warm)
     print(f"{'configuration':58s} {'decode ms/tok':>13s} {'prefill s':>10s} {'peak MiB':>9s}  fits")
     for option in options:
         p = option.prediction

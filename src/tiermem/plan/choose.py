@@ -66,9 +66,11 @@ def candidates(
     new_tokens: int,
     profiles: dict[str, LayerProfile] | None = None,
     chunk: int = 512,
+    warm_page_cache: bool = True,
 ) -> list[Candidate]:
     """Resident and (if resident does not fit) streamed weights for each KV option; ``profiles`` maps a policy
-    name to its measured layer (without one, the pure roofline is used)."""
+    name to its measured layer (without one, the pure roofline is used); ``warm_page_cache=False`` assumes
+    streamed layers come from disk."""
     out = []
     for option in kv_options(shapes, context, new_tokens, memory, chunk):
         policy, hot, kv_ram = option.spec, option.hot_tokens, option.kv_ram_bytes
@@ -79,9 +81,10 @@ def candidates(
         out.append(Candidate(resident, prediction, prediction.peak_bytes <= memory, exact))
         if prediction.peak_bytes <= memory:
             continue
-        empty = Config("stream", policy, hot, kv_ram, context, chunk, k=0, profile=profile)
+        streaming = dict(warm_page_cache=warm_page_cache, profile=profile)
+        empty = Config("stream", policy, hot, kv_ram, context, chunk, k=0, **streaming)
         k = min(shapes.layers, int((memory - predict(shapes, empty, machine).peak_bytes) // shapes.layer_bytes))
-        stream = Config("stream", policy, hot, kv_ram, context, chunk, k=max(k, 1), profile=profile)
+        stream = Config("stream", policy, hot, kv_ram, context, chunk, k=max(k, 1), **streaming)
         streamed = predict(shapes, stream, machine)
         out.append(Candidate(stream, streamed, k >= 1 and streamed.peak_bytes <= memory, exact))
     return out

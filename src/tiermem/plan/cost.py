@@ -144,20 +144,22 @@ def decode_parts(shapes: Shapes, config: Config, machine: Machine) -> dict[str, 
 
 def prefill_s(shapes: Shapes, config: Config, machine: Machine) -> float:
     """Seconds to prefill ``config.context`` tokens in chunks, each attending to at most ``hot + chunk`` tokens."""
-    total, done = 0.0, 0
     profile = config.profile
+    load = _stream_floor(shapes, config, machine)
+    if profile is not None:  # the measured chunk without its own attention, which is rescaled per chunk below
+        typical = min(profile.context // 2, profile.hot_tokens) + profile.chunk
+        measured = 4 * profile.chunk * typical * shapes.heads * shapes.head_dim / machine.gemm_flops
+        rest = profile.chunk_s - measured
+    total, done = 0.0, 0
     while done < config.context:
         chunk = min(config.chunk, config.context - done)
         attended = min(done, config.hot_tokens) + chunk
         attention = 4 * chunk * attended * shapes.heads * shapes.head_dim / machine.gemm_flops
-        if profile is not None:  # measured chunk, its attention rescaled to this chunk's attended tokens
-            typical = min(profile.context // 2, profile.hot_tokens) + profile.chunk
-            measured = 4 * profile.chunk * typical * shapes.heads * shapes.head_dim / machine.gemm_flops
-            compute = (profile.chunk_s - measured) * chunk / profile.chunk + attention
+        if profile is not None:
+            compute = rest * chunk / profile.chunk + attention
         else:
             weights = _roofline(2 * chunk * shapes.layer_params, shapes.layer_bytes, machine)
             compute = weights + attention + machine.layer_overhead_s
-        load = _stream_floor(shapes, config, machine)
         total += shapes.layers * max(compute, load) + (profile.forward_s if profile else 0.0)
         done += chunk
     return total

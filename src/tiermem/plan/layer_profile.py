@@ -40,7 +40,7 @@ def few_layer_config(config: Any, layers: int) -> Any:
     return small
 
 
-def _time_model(config: Any, layers: int, policy_spec: str, context: int, chunk: int) -> tuple[float, float]:
+def time_model(config: Any, layers: int, policy_spec: str, context: int, chunk: int) -> tuple[float, float]:
     """(median seconds per decoded token, mean seconds per prefill chunk after the first) of a ``layers``-layer
     model of ``config``'s shapes under ``policy_spec``."""
     from transformers import AutoModelForCausalLM
@@ -75,8 +75,8 @@ def _time_model(config: Any, layers: int, policy_spec: str, context: int, chunk:
 def profile_layer(config: Any, policy_spec: str, context: int, hot_tokens: int, chunk: int = 512) -> LayerProfile:
     """Time models of one and two decoder layers of ``config``'s shapes under ``policy_spec``: the difference is
     one layer, the rest the per-forward cost (see the module docstring)."""
-    one = _time_model(config, 1, policy_spec, context, chunk)
-    two = _time_model(config, 2, policy_spec, context, chunk)
+    one = time_model(config, 1, policy_spec, context, chunk)
+    two = time_model(config, 2, policy_spec, context, chunk)
     return LayerProfile(
         decode_s=max(two[0] - one[0], 1e-6),
         chunk_s=max(two[1] - one[1], 1e-6),

@@ -91,25 +91,15 @@ def _file_rates(folder: Path, size: int = 256 * 2**20) -> tuple[float, float]:
 
 
 def _layer_overhead() -> float:
-    """Seconds per decoder layer per one-token forward on a tiny 4-layer model (arithmetic negligible)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Seconds per decoder layer per one-token forward on a tiny model (arithmetic negligible): the difference
+    between 8 and 2 layers, timed the way :mod:`tiermem.plan.layer_profile` times a model's own layers."""
+    from transformers import LlamaConfig
 
-    from tiermem.attention import patched_attention
-    from tiermem.cache import TierCache
-    from tiermem.engine import forward, prefill
-    from tiermem.memory.full import Full
+    from tiermem.plan.layer_profile import time_model
 
-    def per_token(layers: int) -> float:
-        cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-        model = LlamaForCausalLM(cfg).eval()
-        cache = TierCache(model, Full())
-        token = torch.tensor([[1]])
-        with torch.inference_mode(), patched_attention(model):
-            prefill(model, cache, torch.ones(1, 8, dtype=torch.long), 8)
-            return _best_of(20, lambda: forward(model, cache, token))
-
-    return max((per_token(8) - per_token(2)) / 6, 0.0)
+    tiny = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    two, eight = (time_model(tiny, layers, "full", context=8, chunk=8)[0] for layers in (2, 8))
+    return max((eight - two) / 6, 0.0)
 
 
 def _fingerprint() -> str:
