@@ -62,8 +62,9 @@ class ContextMemoryPolicy(Policy):
         """Most tokens a query may retrieve from memory (for sizing and the memory check)."""
         raise NotImplementedError
 
-    def typical_block_tokens(self) -> int:
-        """Tokens per memory block, for sizing the hot retrieval keys (one per block)."""
+    def fewest_block_tokens(self) -> int:
+        """Fewest tokens a memory block can hold, for sizing the hot retrieval keys (one per block): with it the
+        memory check is a bound the run cannot exceed."""
         raise NotImplementedError
 
     def local_slots(self) -> int:
@@ -78,7 +79,7 @@ class ContextMemoryPolicy(Policy):
         # init, retrieved set, remainder and edge tokens (the remainder is bounded by a block plus a chunk)
         memory = (self.n_init + self.global_capacity() + self.exc_block_size) * kv
         # one retrieval key (all query heads) per block stays hot: it grows with the context, blocks do not
-        repr_bytes = (total_tokens // self.typical_block_tokens()) * kv * info.num_heads // (2 * info.num_kv_heads)
+        repr_bytes = (total_tokens // self.fewest_block_tokens()) * kv * info.num_heads // (2 * info.num_kv_heads)
         return window + min(memory, total_tokens * kv) + repr_bytes
 
 

@@ -67,7 +67,7 @@ class EMLLM(ContextMemoryPolicy):
     def global_capacity(self) -> int:
         return self.n_mem + self.exc_block_size + 2 * self.max_block_size
 
-    def typical_block_tokens(self) -> int:
+    def fewest_block_tokens(self) -> int:
         # Events are cut by surprise, so their number is known only as the text is read: size the hot retrieval
         # keys for the smallest events, a bound the run cannot exceed (measured: 26-token events on average with
         # emllm-small at 8k, where the midpoint of the bounds, 36, underestimated the keys by a third).

@@ -46,7 +46,7 @@ class InfLLM(ContextMemoryPolicy):
     def global_capacity(self) -> int:
         return self.topk * self.block_size + self.block_size
 
-    def typical_block_tokens(self) -> int:
+    def fewest_block_tokens(self) -> int:
         return self.block_size
 
     def make_global_layer(self, info: LayerInfo) -> TierLayer:
