@@ -74,6 +74,8 @@ def prompt_ids(vocab_size: int, count: int, seed: int = 0) -> list[int]:
     return [rng.randrange(PROMPT_LOW_ID, vocab_size) for _ in range(count)]
 
 
+# proc_status and reset_peak_rss repeat what tiermem.stats does on purpose: the AirLLM worker runs this file in its
+# own virtual environment, where tiermem is not installed.
 def proc_status() -> dict[str, int]:
     """VmHWM, VmRSS, RssAnon, RssFile of this process in KiB."""
     fields = {}
