@@ -186,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
 
+    from tiermem.serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
+
     demo = sub.add_parser("demo", help="full vs SnapKV on one long prompt, side by side")
     _add_model_args(demo)
 
@@ -333,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
             from tiermem.bench.cli import cmd_bench
 
             return cmd_bench(args)
+        if args.command == "serve":
+            from tiermem.serve.cli import cmd_serve
+
+            return cmd_serve(args)
         if args.command == "demo":
             from tiermem.demo import cmd_demo
 

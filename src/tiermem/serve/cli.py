@@ -1,0 +1,89 @@
+"""``tiermem serve``: its arguments, and building the server from them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PORT = 8000
+
+
+def add_serve_parser(sub: Any) -> None:
+    """Add the ``serve`` subcommand to the ``tiermem`` subparsers."""
+    from tiermem.cli import _add_model_args, parse_size, parse_tokens
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible server whose chat sessions keep their KV memory")
+    _add_model_args(serve)
+    serve.add_argument("--policy", default="full", help="KV policy (with options: snapkv:window_size=64)")
+    budget = serve.add_mutually_exclusive_group()
+    budget.add_argument("--kv-budget", type=parse_tokens, help="KV tokens kept per layer (budgeted policies)")
+    budget.add_argument("--compression-ratio", type=float, help="fraction of the first prompt removed")
+    serve.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE", help="a policy field")
+    serve.add_argument("--kv-memory", type=parse_size, help="KV bytes of all sessions in RAM, e.g. 2GB (rest on disk)")
+    serve.add_argument("--sessions-dir", help="session files (default: the tiermem cache's sessions folder)")
+    serve.add_argument("--sessions-disk", type=parse_size, help="bytes of session files kept at most, e.g. 20GB")
+    durable = serve.add_mutually_exclusive_group()
+    durable.add_argument("--durable", dest="durable", action="store_true", default=True, help="(default)")
+    durable.add_argument(
+        "--no-durable", dest="durable", action="store_false", help="write sessions only when spilled or at exit"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT)
+    serve.add_argument("--api-key", action="append", default=[], help="accepted Bearer key (repeatable)")
+    serve.add_argument("--served-model-name", help="model id clients send (default: --model)")
+    serve.add_argument("--max-queue", type=int, default=16, help="turns queued before answering 429")
+    serve.add_argument("--max-tokens", type=parse_tokens, default=256, help="default max_tokens of a request")
+    serve.add_argument("--chunk-size", type=parse_tokens, default=512, help="prefill chunk size in tokens")
+
+
+def build(args: argparse.Namespace) -> Any:
+    """The FastAPI app for ``args`` (the model is loaded here)."""
+    from tiermem.cache import TierCache
+    from tiermem.cli import make_policy
+    from tiermem.errors import TiermemError
+    from tiermem.models import DTYPES, cache_root, load
+    from tiermem.serve.app import ServeOptions, create_app
+    from tiermem.serve.metrics import Metrics
+    from tiermem.serve.sessions import SessionStore
+    from tiermem.serve.worker import ModelWorker
+    from tiermem.weights.shards import source_fingerprint
+
+    if args.max_queue < 1:
+        raise TiermemError("--max-queue must be at least 1")
+    if not 0 < args.port < 65536:
+        raise TiermemError(f"--port must be in 1..65535, got {args.port}")
+    policy = make_policy(args.policy, args.kv_budget, args.compression_ratio, args.policy_opt)
+    lm = load(args.model, dtype=args.dtype)
+    key = {"model": source_fingerprint(lm.source, DTYPES[args.dtype]), "policy": repr(policy), "dtype": args.dtype}
+    folder = Path(args.sessions_dir) if args.sessions_dir else cache_root() / "sessions"
+    if folder.exists() and not folder.is_dir():
+        raise TiermemError(f"--sessions-dir '{folder}' is not a folder")
+
+    def make_cache() -> TierCache:
+        return TierCache(lm.model, policy, tokenizer=lm.tokenizer)
+
+    store = SessionStore(folder, key, make_cache, args.kv_memory, args.sessions_disk, args.durable)
+    metrics = Metrics()
+    worker = ModelWorker(lm, policy, store, metrics, args.max_queue, args.chunk_size, args.max_tokens)
+    name = args.served_model_name or args.model
+    options = ServeOptions(model_id=name, api_keys=tuple(args.api_key))
+    return create_app(worker, metrics, options)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="tiermem serve: %(levelname)s %(message)s")
+    api_keys = list(args.api_key)
+    if not api_keys and os.environ.get("TIERMEM_API_KEY"):
+        args.api_key = [os.environ["TIERMEM_API_KEY"]]
+    app = build(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        logging.getLogger("tiermem.serve").warning(
+            "binding %s without --api-key: anyone who reaches it can use it", args.host
+        )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    return 0
