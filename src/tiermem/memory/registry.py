@@ -7,13 +7,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tiermem.errors import TiermemError
+from tiermem.memory.adakv import AdaKV, AdaKVExpectedAttention
 from tiermem.memory.base import Policy
 from tiermem.memory.emllm import EMLLM
+from tiermem.memory.expected_attention import ExpectedAttention
 from tiermem.memory.full import Full
 from tiermem.memory.infllm import InfLLM
+from tiermem.memory.knorm import Knorm
+from tiermem.memory.observed_attention import ObservedAttention
+from tiermem.memory.pyramidkv import PyramidKV
 from tiermem.memory.sentencekv import SentenceKV
 from tiermem.memory.snapkv import SnapKV
 from tiermem.memory.streaming import StreamingLLM
+from tiermem.memory.tova import TOVA
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,21 @@ REGISTRY: dict[str, Entry] = {
         SnapKV,
         {"selection": "chunk", "chunk_size": 32, "kernel_size": 7, "pooling": "maxpool"},
         "SnapKV scores, whole 32-token chunks kept (tiermem variant, ChunkKV-style)",
+    ),
+    "knorm": Entry(Knorm, summary="Knorm: keys with the smallest L2 norm (kvpress KnormPress)"),
+    "tova": Entry(TOVA, summary="TOVA: tokens the last context token attends to, all heads averaged (kvpress)"),
+    "observed-attention": Entry(
+        ObservedAttention, summary="H2O-style: attention each key received over the whole prefill (kvpress)"
+    ),
+    "expected-attention": Entry(
+        ExpectedAttention, summary="Expected Attention: attention of Gaussian-modelled future queries x ||v|| (kvpress)"
+    ),
+    "pyramidkv": Entry(PyramidKV, summary="PyramidKV: SnapKV scores, budgets falling linearly with depth (kvpress)"),
+    "adakv": Entry(AdaKV, summary="AdaKV over SnapKV: one layer budget split across KV heads by score, ragged storage"),
+    "adakv-expected-attention": Entry(
+        AdaKVExpectedAttention,
+        {"epsilon": 1e-2},
+        "AdaKV over Expected Attention, epsilon 1e-2 (kvpress's leaderboard expected_attention), ragged storage",
     ),
     "infllm": Entry(InfLLM, summary="InfLLM: init + local window + retrieved 128-token blocks at a fixed distance"),
     "emllm": Entry(EMLLM, summary="EM-LLM: InfLLM-style memory cut into events where the model is surprised"),
