@@ -141,8 +141,6 @@ class ModelWorker:
                 self._run(job)
             except ApiError as exc:
                 job.emit("error", exc)
-            except SessionUnavailable as exc:
-                job.emit("error", ApiError(409, str(exc), code="session_unavailable"))
             except TiermemError as exc:
                 job.emit("error", ApiError(400, str(exc)))
             except Exception as exc:  # never let one request take the worker down
@@ -184,7 +182,10 @@ class ModelWorker:
             self.policy.check(len(ids), total, self.lm.max_positions)
         except TiermemError as exc:
             raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
-        lease = self.store.acquire(turn.owner, np.asarray(ids, dtype=np.int64))
+        try:
+            lease = self.store.acquire(turn.owner, np.asarray(ids, dtype=np.int64))
+        except SessionUnavailable as exc:  # this session only: the server keeps serving the others
+            raise ApiError(409, str(exc), code="session_unavailable") from None
         session = lease.session
         ok = False
         try:
