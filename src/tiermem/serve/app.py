@@ -20,14 +20,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from tiermem.serve.jobs import collect, submit
 from tiermem.serve.metrics import Metrics
+from tiermem.serve.responses import ResponseStore
+from tiermem.serve.responses import register as register_responses
 from tiermem.serve.schemas import ApiError, ChatRequest, CompletionRequest, Sampling
-from tiermem.serve.worker import Job, ModelWorker, Overloaded, Turn
+from tiermem.serve.worker import Job, ModelWorker, Turn
 
 log = logging.getLogger("tiermem.serve")
 OPEN_PATHS = ("/health", "/")
 MAX_BODY_BYTES = 16 * 2**20
-DISCONNECT_POLL_S = 0.5
 
 
 @dataclass
@@ -55,7 +57,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"invalid value for '{param}': {first.get('msg', 'invalid')}" if param else str(first.get("msg")), param
 
 
-def create_app(worker: ModelWorker, metrics: Metrics, options: ServeOptions) -> FastAPI:
+def create_app(
+    worker: ModelWorker, metrics: Metrics, options: ServeOptions, responses: ResponseStore | None = None
+) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         worker.start()
@@ -133,11 +137,12 @@ def create_app(worker: ModelWorker, metrics: Metrics, options: ServeOptions) -> 
         turn = _turn(body, body.limit(), request, options, prompt=prompt)
         return await _answer(worker, body, turn, request, chat=False, model_id=options.model_id)
 
+    register_responses(app, worker, options.model_id, responses or ResponseStore(worker.store.folder))
     return app
 
 
 STARTED = int(time.time())
-KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/")
+KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health", "/metrics", "/")
 
 
 def _authenticate(request: Request, keys: dict[str, str]) -> str:
@@ -172,33 +177,10 @@ def _turn(body: Sampling, limit: int | None, request: Request, options: ServeOpt
     )
 
 
-async def _next(job: Job, request: Request) -> tuple[str, Any]:
-    """The job's next event; a client that went away cancels the job (its slot is freed at once)."""
-    while True:
-        try:
-            return await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
-        except TimeoutError:
-            if await request.is_disconnected():
-                job.cancelled.set()
-                raise ApiError(499, "client closed the request") from None
-        except asyncio.CancelledError:
-            job.cancelled.set()
-            raise
-
-
 async def _answer(
     worker: ModelWorker, body: Sampling, turn: Turn, request: Request, chat: bool, model_id: str
 ) -> Response:
-    job = Job(turn, asyncio.get_running_loop())
-    try:
-        worker.submit(job)
-    except Overloaded:
-        raise ApiError(
-            429, "the server is busy: too many queued requests", kind="rate_limit_error", headers={"Retry-After": "1"}
-        ) from None
-    kind, start = await _next(job, request)
-    if kind == "error":
-        raise start
+    job, start = await submit(worker, turn, request)
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
     headers = {"x-tiermem-session": start["session"]}
     shape = _Shape(ident, model_id, chat, start, body.return_token_ids)
@@ -206,15 +188,7 @@ async def _answer(
         return StreamingResponse(
             _sse(job, request, shape, body.include_usage()), media_type="text/event-stream", headers=headers
         )
-    pieces: list[str] = []
-    while True:
-        kind, data = await _next(job, request)
-        if kind == "text":
-            pieces.append(data)
-        elif kind == "error":
-            raise data
-        else:
-            return JSONResponse(shape.whole(data), headers=headers)
+    return JSONResponse(shape.whole(await collect(job, request)), headers=headers)
 
 
 class _Shape:

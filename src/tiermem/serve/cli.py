@@ -47,6 +47,7 @@ def build(args: argparse.Namespace) -> Any:
     from tiermem.models import DTYPES, cache_root, load
     from tiermem.serve.app import ServeOptions, create_app
     from tiermem.serve.metrics import Metrics
+    from tiermem.serve.responses import ResponseStore
     from tiermem.serve.sessions import SessionStore
     from tiermem.serve.worker import ModelWorker
     from tiermem.weights.shards import source_fingerprint
@@ -70,7 +71,7 @@ def build(args: argparse.Namespace) -> Any:
     worker = ModelWorker(lm, policy, store, metrics, args.max_queue, args.chunk_size, args.max_tokens)
     name = args.served_model_name or args.model
     options = ServeOptions(model_id=name, api_keys=tuple(args.api_key))
-    return create_app(worker, metrics, options)
+    return create_app(worker, metrics, options, ResponseStore(folder, args.durable))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -63,6 +63,10 @@ class Overloaded(Exception):
     """The queue is full."""
 
 
+class ShuttingDown(Exception):
+    """The worker takes no new turns."""
+
+
 class TextDelta:
     """Text of the generated ids, released in pieces: an incomplete UTF-8 character and anything that could be the
     start of a stop string are held back until the next token settles them."""
@@ -111,17 +115,26 @@ class ModelWorker:
         self.stops = stop_token_ids(lm)
         self.vocab = int(lm.model.get_input_embeddings().weight.shape[0])
         self.busy = False
+        self.closing = False
         self._thread = threading.Thread(target=self._loop, name="tiermem-model", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
+        """Refuse new turns, cancel queued ones, finish the running one, write what is not on disk yet."""
+        self.closing = True
+        with self.jobs.mutex:
+            for job in self.jobs.queue:
+                if job is not None:
+                    job.cancelled.set()
         self.jobs.put(None)
         self._thread.join(timeout=60)
         self.store.close()
 
     def submit(self, job: Job) -> None:
+        if self.closing:
+            raise ShuttingDown
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
@@ -134,7 +147,8 @@ class ModelWorker:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while (job := self.jobs.get()) is not None:
-            if job.cancelled.is_set():
+            if job.cancelled.is_set():  # its client left, or the server is stopping
+                job.emit("error", ApiError(503, "the request was cancelled", kind="server_error"))
                 continue
             self.busy = True
             try:
