@@ -221,3 +221,12 @@ def test_adakv_attention_equals_masked_dense_attention(info: LayerInfo) -> None:
     logits = logits.masked_fill(~mask.repeat_interleave(group, dim=0)[None, :, None], float("-inf"))
     expected = logits.softmax(dim=-1) @ v.repeat_interleave(group, dim=1)
     torch.testing.assert_close(got, expected)
+
+
+def test_pyramidkv_budgets_under_plain_generate(llama: torch.nn.Module) -> None:
+    """The context-manager form numbers the layers too: each layer keeps its own pyramid budget."""
+    ids = torch.randint(0, 128, (1, N), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), PyramidKV(kv_budget=BUDGET, window_size=8, beta=4)(llama):
+        out = llama.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    held = [layer.kv_tokens() for layer in out.past_key_values.layers]
+    assert held == [b + 2 for b in pyramid_budgets(BUDGET, N, 2, 8, 4)]  # 2 decode steps appended

@@ -10,13 +10,16 @@ heads of a layer (:class:`~tiermem.memory.adakv.AdaKV`).
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
+from transformers import PreTrainedModel
 
-from tiermem.layer_info import LayerInfo
+from tiermem.layer_info import LayerInfo, describe_layers
 from tiermem.memory.base import BudgetedPolicy
 from tiermem.memory.layer import DenseLayer, TierLayer, attention
 
@@ -66,6 +69,23 @@ class ScorerPolicy(BudgetedPolicy):
         scored = [layer for layer in layers if isinstance(layer, ScorerLayer)]
         for rank, layer in enumerate(scored):
             layer.rank, layer.num_scored = rank, len(scored)
+
+    @contextmanager
+    def __call__(self, model: PreTrainedModel) -> Iterator[None]:
+        """The context-manager form: layers are built one by one as ``generate`` first reaches them, so they are
+        numbered here from the model's layer list (``setup`` does it for a :class:`TierCache`)."""
+        from tiermem.attention import patched_attention
+
+        scored = [info.layer_idx for info in describe_layers(model) if info.sliding_window is None]
+
+        def make_numbered_layer(info: LayerInfo) -> TierLayer:
+            layer = self.make_layer(info)
+            if isinstance(layer, ScorerLayer):
+                layer.rank, layer.num_scored = scored.index(info.layer_idx), len(scored)
+            return layer
+
+        with patched_attention(model, layer_factory=make_numbered_layer):
+            yield
 
     def layer_budget(self, context_tokens: int, rank: int, num_scored: int) -> int:
         """Tokens per KV head that scored layer number ``rank`` of ``num_scored`` keeps. Default: all alike."""
