@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from tiermem.bench.tasks import make_sample, score
-from tiermem.cli import parse_size
 from tiermem.engine import GenerationConfig, generate
+from tiermem.kvstore.blocks import StoreConfig
 from tiermem.memory import registry
 from tiermem.models import load
 from tiermem.prompts import build_prompt
+from tiermem.units import parse_size
 
 
 def run(lm, prompt, answers, spec: str, config: GenerationConfig) -> dict:
@@ -67,7 +68,7 @@ def main() -> None:
             stores = [("disk", limit)] + ([("ram", None)] if length == max(lengths) else [])
             for store, memory in stores:
                 config = GenerationConfig(
-                    max_new_tokens=args.new_tokens, stop_on_eos=False, kv_memory=memory, kv_store=store
+                    max_new_tokens=args.new_tokens, stop_on_eos=False, kv_memory=memory, store=StoreConfig(store)
                 )
                 r = run(lm, prompt, sample.answers, spec, config)
                 records[f"{spec}/{length}/{store}"] = r | {"prompt_tokens": prompt.num_tokens}

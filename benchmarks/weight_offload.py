@@ -201,11 +201,11 @@ def run_tiermem(args: argparse.Namespace, ids: list[int]) -> dict[str, Any]:
     """tiermem's engine on the same ids: resident weights, or streamed ones under ``--limit``."""
     import torch
 
-    from tiermem.cli import parse_size
     from tiermem.engine import GenerationConfig, generate
     from tiermem.memory.full import Full
     from tiermem.models import load
     from tiermem.prompts import Prompt
+    from tiermem.units import parse_size
     from tiermem.weights.stream import StreamConfig
 
     start = time.perf_counter()
@@ -362,7 +362,7 @@ CGROUP = Path("/sys/fs/cgroup/memory/tiermem-bench")
 def in_memory_cgroup(cmd: list[str], limit: str) -> list[str]:
     """Run ``cmd`` in a cgroup-v1 memory group capped at ``limit`` (RSS and page cache together): a machine
     with that much RAM, where a model larger than it cannot sit in the page cache between tokens. Needs root."""
-    from tiermem.cli import parse_size
+    from tiermem.units import parse_size
 
     CGROUP.mkdir(exist_ok=True)
     (CGROUP / "memory.limit_in_bytes").write_text(str(parse_size(limit)))

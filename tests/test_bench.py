@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tiermem.bench.report import aggregate, write_report
 from tiermem.bench.runner import RESULTS_FILE, BenchConfig, load_rows, run_bench
+from tiermem.engine import GenerationConfig
 
 
 def config(model_dir: Path) -> BenchConfig:
@@ -17,8 +18,8 @@ def config(model_dir: Path) -> BenchConfig:
         lengths=[480],
         depths=[0.2, 0.8],
         tasks=["passkey", "needle"],
-        max_new_tokens=4,
-        chunk_size=64,
+        generation=GenerationConfig(max_new_tokens=4, chunk_size=64),
+        task_new_tokens=False,
     )
 
 

@@ -189,3 +189,37 @@ def test_usage_errors_are_one_line(capsys) -> None:
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "required" in err
+
+
+def test_generate_and_bench_share_one_config_tree(tmp_path: Path) -> None:
+    from tiermem.cli import build_parser
+    from tiermem.cli_args import generation_config
+    from tiermem.kvstore.blocks import StoreConfig
+
+    shared = ["--chunk-size", "1k", "--kv-store", "disk", "--kv-dir", str(tmp_path), "--kv-alloc", "paged"]
+    gen = build_parser().parse_args(["generate", "--context", "x", "--temperature", "0.5", *shared])
+    bench = build_parser().parse_args(["bench", "--suite", "ruler", *shared])
+    store = StoreConfig(backend="disk", folder=str(tmp_path), allocator="paged")
+    assert gen.max_new_tokens == 32 and bench.max_new_tokens is None  # bench: each task's own by default
+    from_bench = generation_config(bench, max_new_tokens=16)
+    assert generation_config(gen).store == from_bench.store == store
+    assert generation_config(gen).chunk_size == from_bench.chunk_size == 1024
+    assert generation_config(gen, temperature=gen.temperature).temperature == 0.5
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--suite", "ruler", "--tasks", "passkey"], "not allowed with argument"),
+        (["--budgets", "64", "--compression-ratios", "0.5"], "not allowed with argument"),
+        (["--kv-alloc", "slab"], "invalid choice"),
+        (["--suite", "longbench"], "invalid choice"),
+        (["--kv-dir", "/no/such/dir"], "KV store folder '/no/such/dir' does not exist"),
+        (["--tasks", "cwe", "--lengths", "512"], "at least 1024"),
+    ],
+)
+def test_bad_bench_arguments(capsys, tiny_model_dir: Path, tmp_path: Path, args: list[str], needle: str) -> None:
+    out = tmp_path / "bench"
+    code, _, err = run_cli(capsys, "bench", "--models", str(tiny_model_dir), "--out", str(out), *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+    assert not out.exists()

@@ -7,6 +7,7 @@ import torch
 
 from tiermem.bench.tasks import make_sample, score
 from tiermem.engine import GenerationConfig, generate
+from tiermem.kvstore.blocks import StoreConfig
 from tiermem.memory import build
 from tiermem.models import load
 from tiermem.prompts import build_prompt
@@ -53,7 +54,8 @@ def test_smollm2_finds_a_passkey_past_its_trained_window_with_disk_memory(tmp_pa
     lm = load("smollm2")
     sample = make_sample("passkey", lm.tokenizer, 12288, 0.4, 0)
     prompt = build_prompt(lm, sample.context, sample.question, answer_prefix=sample.answer_prefix)
-    config = GenerationConfig(max_new_tokens=8, kv_memory=128 * 2**20, kv_store="disk", kv_dir=str(tmp_path))
+    store = StoreConfig(backend="disk", folder=str(tmp_path))
+    config = GenerationConfig(max_new_tokens=8, kv_memory=128 * 2**20, store=store)
     result = generate(lm, prompt, build("infllm-small"), config)
     assert score(result.text, sample.answers), result.text
     assert result.stats.kv_bytes_peak <= 128 * 2**20

@@ -33,18 +33,16 @@ def store_for(
     context_tokens: int,
     total_tokens: int,
     kv_memory: int | None,
-    backend: str = "auto",
-    folder: str | None = None,
-    allocator: str = "grow",
+    store: StoreConfig,
 ) -> StoreConfig:
-    """Where evicted blocks go. Under a ``kv_memory`` limit the hot set must fit, checked before any compute;
-    the warm tier then gets what the hot set leaves free (enforced as the run goes, by the cache's meter).
+    """``store`` with its backend resolved for this run. Under a ``kv_memory`` limit the hot set must fit, checked
+    before any compute; the warm tier then gets what the hot set leaves free (enforced as the run goes, by the
+    cache's meter).
 
     ``backend="auto"`` keeps blocks in RAM without a limit and on disk with one.
     """
-    if backend == "auto":
-        backend = "disk" if kv_memory is not None else "ram"
-    if kv_memory is not None and backend == "ram":
+    store = store.resolve(kv_memory)
+    if kv_memory is not None and store.backend == "ram":
         raise TiermemError("a KV memory limit needs the disk store for what does not fit (--kv-store disk)")
     if kv_memory is not None:
         needed = hot_bytes(policy, infos, context_tokens, total_tokens)
@@ -53,7 +51,7 @@ def store_for(
                 f"KV memory limit {format_bytes(kv_memory)} is below what policy '{policy.name}' holds in RAM for "
                 f"this prompt: {format_bytes(needed)} ({policy.hot_set})"
             )
-    return StoreConfig(backend=backend, folder=folder, allocator=allocator)
+    return store
 
 
 class TierCache(Cache):
@@ -77,8 +75,24 @@ class TierCache(Cache):
         self.tier_layers: list[TierLayer] = [policy.make_layer(info) for info in self.infos]
         self.meter = MemoryMeter(kv_memory)
         self.store = BlockStore(store or StoreConfig(), model.dtype, self.meter)
+        policy.prepare(model, tokenizer)
         policy.setup(self.tier_layers, self.store)
         super().__init__(layers=list(self.tier_layers))
+
+    def probe(self, model: PreTrainedModel, ids: torch.Tensor, start: int) -> None:
+        """Run ``ids`` (1, T) at positions ``start, ...`` through the model storing nothing, then let the policy
+        decide from what its layers saw ("heads" retrieval picks its blocks from the question this way).
+
+        Call it inside :func:`tiermem.attention.patched_attention`."""
+        for layer in self.tier_layers:
+            layer.probe_start = start
+        try:
+            positions = torch.arange(start, start + ids.shape[1]).unsqueeze(0)
+            model(input_ids=ids, position_ids=positions, cache=self, use_cache=True, logits_to_keep=1)
+        finally:
+            for layer in self.tier_layers:
+                layer.probe_start = None
+        self.policy.after_probe(self.tier_layers)
 
     def plan(self, context_tokens: int, total_tokens: int) -> None:
         """Tell every layer how long the context and the whole run will be (budgets, allocation)."""

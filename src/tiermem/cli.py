@@ -6,10 +6,11 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any, NoReturn
 
+from tiermem.cli_args import add_dtype_arg, add_generation_args, generation_config
 from tiermem.errors import TiermemError
+from tiermem.units import parse_size, parse_tokens, read_text_file
 
 EXIT_BAD_INPUT = 2
 
@@ -20,67 +21,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"tiermem: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT)
-
-
-def parse_tokens(text: str) -> int:
-    """``"512"`` -> 512, ``"4k"`` -> 4096, ``"1m"`` -> 1048576."""
-    raw = text.strip().lower()
-    scale = {"k": 1024, "m": 1024 * 1024}.get(raw[-1:], 1)
-    try:
-        value = int(float(raw[:-1] if scale > 1 else raw) * scale)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a token count (e.g. 512, 4k)") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"'{text}' must be at least 1")
-    return value
-
-
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 2**10,
-    "kb": 2**10,
-    "kib": 2**10,
-    "m": 2**20,
-    "mb": 2**20,
-    "mib": 2**20,
-    "g": 2**30,
-    "gb": 2**30,
-    "gib": 2**30,
-}
-
-
-def parse_size(text: str) -> int:
-    """``"512MB"`` -> 536870912. Units are binary: 1 KB = 1 KiB = 1024 bytes, likewise MB and GB."""
-    raw = text.strip().lower().replace(" ", "")
-    number = raw.rstrip("kmgib")
-    unit = raw[len(number) :]
-    try:
-        value = float(number) * _SIZE_UNITS[unit]
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a size (e.g. 512MB, 2GB)") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"'{text}' must be positive")
-    return int(value)
-
-
-def read_text_file(path: str, what: str = "context file") -> str:
-    """Read a UTF-8 text file, or raise a one-line :class:`TiermemError` saying what is wrong with it."""
-    file = Path(path)
-    if not file.exists():
-        raise TiermemError(f"{what} '{path}' not found")
-    if not file.is_file():
-        raise TiermemError(f"{what} '{path}' is not a regular file")
-    data = file.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise TiermemError(
-            f"{what} '{path}' is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})"
-        ) from None
-    if not text.strip():
-        raise TiermemError(f"{what} '{path}' is empty")
-    return text
 
 
 def make_policy(name: str, kv_budget: int | None, compression_ratio: float | None, options: list[str]) -> Any:
@@ -104,7 +44,7 @@ def make_policy(name: str, kv_budget: int | None, compression_ratio: float | Non
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2", help="smollm2, gemma3-270m, a local HF folder or a .gguf file")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_dtype_arg(parser)
 
 
 def _add_weight_args(parser: argparse.ArgumentParser) -> None:
@@ -154,12 +94,6 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--kv-budget", type=parse_tokens, help="KV tokens kept per layer (e.g. 512)")
     budget.add_argument("--compression-ratio", type=float, help="fraction of the context removed (kvpress style)")
     parser.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE", help="a policy field")
-    parser.add_argument("--question-aware", action="store_true", help="compress context and question together")
-    parser.add_argument("--chunk-size", type=parse_tokens, default=512, help="prefill chunk size in tokens")
-    parser.add_argument("--kv-memory", type=parse_size, help="KV bytes held in RAM at most, e.g. 512MB (rest on disk)")
-    parser.add_argument("--kv-store", default="auto", choices=["auto", "ram", "disk"], help="where evicted blocks live")
-    parser.add_argument("--kv-dir", help="folder for the disk store's temporary files (default: system temp)")
-    parser.add_argument("--kv-alloc", default="grow", choices=["grow", "paged", "concat"], help="KV buffer memory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,12 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--question", default="", help="question asked after the context")
     _add_weight_args(gen)
     _add_policy_args(gen)
-    gen.add_argument("--max-new-tokens", type=int, default=32)
+    add_generation_args(gen, max_new_tokens=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    gen.add_argument("--prompt-style", default="auto", choices=["auto", "chat", "completion"])
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
     from tiermem.bench.cli import add_bench_parser
@@ -227,7 +160,7 @@ def summary_lines(policy: str, weights: str, stats: Any) -> list[str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tiermem.engine import GenerationConfig, generate
+    from tiermem.engine import generate
     from tiermem.models import load
     from tiermem.prompts import build_prompt
 
@@ -235,21 +168,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not context or not context.strip():
         raise TiermemError("the context is empty")
     policy = make_policy(args.policy, args.kv_budget, args.compression_ratio, args.policy_opt)
-    config = GenerationConfig(
-        max_new_tokens=args.max_new_tokens,
-        chunk_size=args.chunk_size,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop_strings=tuple(args.stop),
-        question_aware=args.question_aware,
-        kv_memory=args.kv_memory,
-        kv_store=args.kv_store,
-        kv_dir=args.kv_dir,
-        kv_alloc=args.kv_alloc,
+    config = generation_config(
+        args, temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop)
     )
-    if args.kv_dir and not Path(args.kv_dir).is_dir():
-        raise TiermemError(f"KV store folder '{args.kv_dir}' does not exist")
     weights = {"weights": args.weights, "stream": stream_config(args), "flash": flash_config(args)}
     lm = load(args.model, dtype=args.dtype, **weights)
     prompt = build_prompt(lm, context, args.question, style=args.prompt_style)

@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 from tiermem.attention import patched_attention
 from tiermem.cache import TierCache, store_for
 from tiermem.errors import TiermemError
+from tiermem.kvstore.blocks import StoreConfig
 from tiermem.layer_info import describe_layers
 from tiermem.memory.base import Policy
 from tiermem.models import LoadedModel
@@ -35,9 +36,7 @@ class GenerationConfig:
     question_aware: bool = False
     stop_on_eos: bool = True  # benchmarks set False to time exactly max_new_tokens
     kv_memory: int | None = None  # bytes of KV the run may hold in RAM; the rest goes to the disk store
-    kv_store: str = "auto"  # "ram", "disk", or "auto" (disk when kv_memory is set)
-    kv_dir: str | None = None  # parent folder of the disk store's temporary folder
-    kv_alloc: str = "grow"  # how hot KV buffers get memory: "grow", "paged" (demand-paged) or "concat"
+    store: StoreConfig = field(default_factory=StoreConfig)  # block store backend and folder, KV buffer allocator
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -106,6 +105,19 @@ def prefill(
         else:
             logits = forward(model, cache, chunk)
     return logits
+
+
+PROBE_TAIL = 64  # without a separate question, the prompt's last tokens are what the answer is about
+
+
+def probe_question(model: PreTrainedModel, cache: TierCache, context: torch.Tensor, question: torch.Tensor) -> None:
+    """Let the policy look at the question (1, Tq) before it is read, or at the context's last ``PROBE_TAIL``
+    tokens when there is no separate question (question-aware runs put it at the end of the context)."""
+    if question.shape[1]:
+        cache.probe(model, question, cache.get_seq_length())
+    else:
+        tail = context[:, -PROBE_TAIL:]
+        cache.probe(model, tail, context.shape[1] - tail.shape[1])
 
 
 def sample(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator) -> int:
@@ -179,9 +191,7 @@ def generate(
         question_tokens=question.shape[1],
     )
     infos = describe_layers(lm.model)
-    store = store_for(
-        policy, infos, context.shape[1], total, config.kv_memory, config.kv_store, config.kv_dir, config.kv_alloc
-    )
+    store = store_for(policy, infos, context.shape[1], total, config.kv_memory, config.store)
     cache = TierCache(lm.model, policy, store, config.kv_memory, lm.tokenizer)
     try:
         return _run(lm, cache, context, question, config, stats, on_text)
@@ -213,6 +223,8 @@ def _run(
             logits = prefill(lm.model, cache, context, config.chunk_size)
             cache.end_context()
             stats.kv_tokens = cache.kv_tokens()
+            if cache.policy.probes_question:
+                probe_question(lm.model, cache, context, question)
             if question.shape[1]:
                 logits = prefill(lm.model, cache, question, config.chunk_size, logits)
         assert logits is not None

@@ -6,6 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from tiermem.cli_args import add_dtype_arg, add_generation_args, generation_config
+from tiermem.units import parse_tokens
+
 
 def _split(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
@@ -22,43 +25,46 @@ def split_specs(text: str) -> list[str]:
     return specs
 
 
+def tokens_list(text: str) -> list[int]:
+    return [parse_tokens(item) for item in _split(text)]
+
+
+def floats(text: str) -> list[float]:
+    try:
+        return [float(item) for item in _split(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers") from None
+
+
 def add_bench_parser(sub: Any) -> None:
-    from tiermem.cli import parse_size, parse_tokens
-
-    def tokens_list(text: str) -> list[int]:
-        return [parse_tokens(item) for item in _split(text)]
-
-    def floats(text: str) -> list[float]:
-        try:
-            return [float(item) for item in _split(text)]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers") from None
+    from tiermem.bench.ruler import ALL_TASKS, SUITES
 
     bench = sub.add_parser("bench", help="sweep policies over long-context tasks; tables and plots")
     bench.add_argument("--models", type=_split, default=["smollm2"], help="comma-separated models")
+    add_dtype_arg(bench)
     bench.add_argument(
         "--policies", type=split_specs, default=["full", "streaming", "snapkv"], help="policy specs, e.g. full,snapkv"
     )
-    bench.add_argument("--budgets", type=tokens_list, default=[512], help="KV budgets in tokens, e.g. 256,512,1k")
-    bench.add_argument("--lengths", type=tokens_list, default=[2048], help="prompt lengths, e.g. 2k,4k,8k")
-    bench.add_argument("--depths", type=floats, default=[0.1, 0.5, 0.9], help="needle depths in [0, 1]")
-    bench.add_argument("--tasks", type=_split, default=["passkey", "needle"], help="passkey, needle, multikey")
+    budget = bench.add_mutually_exclusive_group()
+    budget.add_argument("--budgets", type=tokens_list, help="KV budgets in tokens, e.g. 256,512,1k (default 512)")
+    budget.add_argument(
+        "--compression-ratios", type=floats, help="fractions of the context removed, e.g. 0.5,0.75 (kvpress style)"
+    )
+    bench.add_argument("--lengths", type=tokens_list, default=[2048], help="prompt lengths, e.g. 4k,8k,128k")
+    bench.add_argument("--depths", type=floats, default=[0.1, 0.5, 0.9], help="needle depths in [0, 1] (classic tasks)")
+    tasks = bench.add_mutually_exclusive_group()
+    tasks.add_argument("--suite", choices=list(SUITES), help="a named task set: ruler (10 RULER-style tasks), classic")
+    tasks.add_argument("--tasks", type=_split, help=f"comma-separated tasks: {', '.join(ALL_TASKS)}")
     bench.add_argument("--samples", type=int, default=1, help="samples per (task, length, depth)")
-    bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--max-new-tokens", type=int, default=16)
-    bench.add_argument("--chunk-size", type=parse_tokens, default=512)
-    bench.add_argument("--question-aware", action="store_true")
-    bench.add_argument("--prompt-style", default="auto", choices=["auto", "chat", "completion"])
-    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    bench.add_argument("--kv-memory", type=parse_size, help="KV bytes in RAM at most, e.g. 512MB (rest on disk)")
-    bench.add_argument("--kv-store", default="auto", choices=["auto", "ram", "disk"])
-    bench.add_argument("--kv-alloc", default="grow", choices=["grow", "paged", "concat"])
+    bench.add_argument("--seed", type=int, default=0, help="seed of the samples")
+    add_generation_args(bench, max_new_tokens=None)
     bench.add_argument("--out", default="bench-out", help="output folder (results.jsonl is appended, resumable)")
     bench.add_argument("--report-only", action="store_true", help="rewrite tables and plots from results.jsonl")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from tiermem.bench.report import write_report
+    from tiermem.bench.ruler import SUITES
     from tiermem.bench.runner import BenchConfig, load_rows, run_bench
     from tiermem.errors import TiermemError
 
@@ -68,23 +74,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not rows:
             raise TiermemError(f"no results in {out}")
     else:
+        # Without --max-new-tokens every task generates its own number of tokens (RULER's per task).
+        per_task = args.max_new_tokens is None
+        placeholder = {"max_new_tokens": BenchConfig().generation.max_new_tokens} if per_task else {}
         config = BenchConfig(
             models=args.models,
             policies=args.policies,
-            budgets=args.budgets,
+            budgets=args.budgets or [512],
+            compression_ratios=args.compression_ratios or [],
             lengths=args.lengths,
             depths=args.depths,
-            tasks=args.tasks,
+            tasks=list(SUITES[args.suite]) if args.suite else args.tasks or ["passkey", "needle"],
             samples=args.samples,
             seed=args.seed,
-            max_new_tokens=args.max_new_tokens,
-            chunk_size=args.chunk_size,
-            question_aware=args.question_aware,
-            prompt_style=args.prompt_style,
             dtype=args.dtype,
-            kv_memory=args.kv_memory,
-            kv_store=args.kv_store,
-            kv_alloc=args.kv_alloc,
+            prompt_style=args.prompt_style,
+            generation=generation_config(args, **placeholder),
+            task_new_tokens=per_task,
         )
         rows = run_bench(config, out)
     for path in write_report(rows, out):

@@ -18,10 +18,19 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name or name).strip("_") or "model"
 
 
-def _policy_order(label: str) -> tuple[int, str, int]:
-    """full first, then by policy name, then by budget."""
+def _policy_order(label: str) -> tuple[int, str, float]:
+    """full first, then by policy name, then by budget (``@512``) or compression ratio (``@cr0.5``)."""
     name, _, budget = label.partition("@")
-    return (0 if name == "full" else 1, name, int(budget) if budget.isdigit() else 0)
+    try:
+        size = float(budget.removeprefix("cr")) if budget else 0.0
+    except ValueError:
+        size = 0.0
+    return (0 if name == "full" else 1, name, size)
+
+
+def _score(row: dict[str, Any]) -> float:
+    """RULER's per-sample score (rows written before scores were recorded have only ``correct``)."""
+    return float(row["score"]) if row.get("score") is not None else float(bool(row["correct"]))
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -46,7 +55,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "length": length,
                 "samples": len(group),
                 "correct": sum(bool(r["correct"]) for r in group),
-                "accuracy": 100.0 * sum(bool(r["correct"]) for r in group) / len(group),
+                "score_sum": sum(_score(r) for r in group),
+                "accuracy": 100.0 * sum(_score(r) for r in group) / len(group),
                 "prompt_tokens": _mean(r["prompt_tokens"] for r in group),
                 "kv_tokens": _mean(r["kv_tokens"] for r in group),
                 "kv_mib_decode": _mean(r["kv_bytes_decode"] for r in group) / MIB,
@@ -64,9 +74,48 @@ def _length_label(tokens: int) -> str:
     return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
 
 
-def markdown(records: list[dict[str, Any]]) -> str:
-    """Accuracy tables (policy x length) per model and task, then a cost table per model."""
+def task_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, mode, policy, length): each task's accuracy and their mean (tasks weigh the same)."""
+    rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in records:
+        key = (r["model"], r["question_aware"], r["policy"], r["length"])
+        row = rows.setdefault(
+            key,
+            {"model": r["model"], "question_aware": r["question_aware"], "policy": r["policy"], "length": r["length"]},
+        )
+        row[r["task"]] = r["accuracy"]
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    for row in rows.values():
+        row["mean"] = _mean(row[t] for t in tasks if t in row)
+    return sorted(
+        rows.values(), key=lambda r: (r["model"], r["question_aware"], _policy_order(r["policy"]), r["length"])
+    )
+
+
+def _task_markdown(records: list[dict[str, Any]]) -> list[str]:
+    """Accuracy by task (columns) for every policy and length (rows), with the mean over tasks."""
+    tasks = list(dict.fromkeys(r["task"] for r in records))
     out: list[str] = []
+    by_model: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for row in task_table(records):
+        by_model[(row["model"], row["question_aware"])].append(row)
+    for (model, aware), group in by_model.items():
+        mode = "question-aware" if aware else "question-agnostic"
+        out += [f"### {model} · {mode} — accuracy % by task (RULER scores; mean over tasks)", ""]
+        out.append("| policy | length | " + " | ".join(tasks) + " | mean |")
+        out.append("|---|---|" + "---|" * (len(tasks) + 1))
+        for row in group:
+            cells = [f"{row[t]:.0f}" if t in row else "—" for t in tasks]
+            out.append(
+                f"| {row['policy']} | {_length_label(row['length'])} | " + " | ".join(cells) + f" | {row['mean']:.1f} |"
+            )
+        out.append("")
+    return out
+
+
+def markdown(records: list[dict[str, Any]]) -> str:
+    """Accuracy by task and mean, accuracy tables (policy x length) per model and task, then a cost table."""
+    out: list[str] = _task_markdown(records)
     by_table: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         by_table[(r["model"], r["task"], r["question_aware"])].append(r)
@@ -112,7 +161,8 @@ def write_csv(records: list[dict[str, Any]], path: Path) -> None:
         path.write_text("")
         return
     with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+        fields = list(dict.fromkeys(key for record in records for key in record))  # rows may lack a column
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(records)
 
@@ -128,7 +178,7 @@ def plot_heatmaps(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         lambda: defaultdict(lambda: defaultdict(list))
     )
     for row in rows:
-        if row.get("status") == "ok":
+        if row.get("status") == "ok" and row.get("depth") is not None:  # suite tasks draw depths per needle
             table = (row["model"], row["task"], row["question_aware"])
             cells[table][row["policy_label"]][(row["depth"], row["length"])].append(bool(row["correct"]))
     written = []
@@ -177,10 +227,10 @@ def plot_accuracy_vs_memory(records: list[dict[str, Any]], out_dir: Path) -> lis
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points: dict[str, dict[tuple[str, int], list[tuple[float, int, int]]]] = defaultdict(lambda: defaultdict(list))
+    points: dict[str, dict[tuple[str, int], list[tuple[float, float, int]]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         family = r["policy"].split("@")[0] + (" (q-aware)" if r["question_aware"] else "")
-        points[r["model"]][(family, r["length"])].append((r["kv_mib_decode"], r["correct"], r["samples"]))
+        points[r["model"]][(family, r["length"])].append((r["kv_mib_decode"], r["score_sum"], r["samples"]))
     written = []
     for model, series in points.items():
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -189,7 +239,7 @@ def plot_accuracy_vs_memory(records: list[dict[str, Any]], out_dir: Path) -> lis
         colors = {f: plt.get_cmap("tab10")(i % 10) for i, f in enumerate(families)}
         markers = dict(zip(lengths, "os^Dvp*", strict=False))
         for (family, length), pts in sorted(series.items(), key=lambda kv: (_policy_order(kv[0][0]), kv[0][1])):
-            merged: dict[float, list[int]] = defaultdict(lambda: [0, 0])
+            merged: dict[float, list[float]] = defaultdict(lambda: [0.0, 0.0])
             for mib, correct, samples in pts:
                 merged[round(mib, 3)][0] += correct
                 merged[round(mib, 3)][1] += samples
@@ -218,10 +268,12 @@ def plot_accuracy_vs_memory(records: list[dict[str, Any]], out_dir: Path) -> lis
 
 
 def write_report(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """Write summary.md, summary.csv and the plots; return the paths written."""
+    """Write summary.md, summary.csv (one record per model, task, policy and length), summary_by_task.csv (tasks as
+    columns, plus their mean) and the plots; return the paths written."""
     records = aggregate(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.md").write_text(markdown(records), encoding="utf-8")
     write_csv(records, out_dir / "summary.csv")
+    write_csv(task_table(records), out_dir / "summary_by_task.csv")
     plots = plot_heatmaps(rows, out_dir) + plot_accuracy_vs_memory(records, out_dir)
-    return [out_dir / "summary.md", out_dir / "summary.csv", *plots]
+    return [out_dir / "summary.md", out_dir / "summary.csv", out_dir / "summary_by_task.csv", *plots]

@@ -5,6 +5,7 @@
 - ``multikey``: the same with three distractor needles under other keys (RULER's ``niah_multikey_1``).
 
 Scoring follows RULER's ``string_match_all``: every reference string must appear in the answer (case-insensitive).
+The RULER-style suite (``niah_*``, ``vt``, ``cwe``, ``fwe``, ``qa``) lives in :mod:`tiermem.bench.ruler`.
 """
 
 from __future__ import annotations
@@ -113,17 +114,33 @@ class Sample:
 
     task: str
     length: int  # requested prompt length in tokens (the real count is measured after templating)
-    depth: float  # where the needle sits, as a fraction of the context
+    depth: float | None  # where the needle sits, as a fraction of the context (None: drawn per needle, as RULER)
     index: int
     context: str
     question: str
     answer_prefix: str  # the start of the answer, written for the model (RULER's answer prefix)
     answers: tuple[str, ...]
+    metric: str = "all"  # "all": RULER's string_match_all, "part": string_match_part (RULER's qa)
+
+    def score(self, prediction: str) -> float:
+        """RULER's per-sample score in [0, 1] under this sample's metric."""
+        match = string_match_part if self.metric == "part" else string_match_all
+        return match(prediction, self.answers)
 
 
 def score(answer: str, references: tuple[str, ...]) -> bool:
     """RULER's string_match_all: every reference appears in the answer, case-insensitively."""
     return all(ref.lower() in answer.lower() for ref in references)
+
+
+def string_match_all(prediction: str, references: tuple[str, ...]) -> float:
+    """RULER's ``string_match_all`` for one sample: the fraction of references found in the prediction."""
+    return sum(ref.lower() in prediction.lower() for ref in references) / len(references)
+
+
+def string_match_part(prediction: str, references: tuple[str, ...]) -> float:
+    """RULER's ``string_match_part`` for one sample (its qa metric): 1 if any reference is in the prediction."""
+    return float(any(ref.lower() in prediction.lower() for ref in references))
 
 
 class _Counter:

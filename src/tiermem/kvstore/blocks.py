@@ -20,15 +20,17 @@ import tempfile
 import weakref
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from tiermem.errors import TiermemError
+from tiermem.kvstore import ALLOCATORS
 from tiermem.kvstore.meter import MemoryMeter
 
 BACKENDS = ("ram", "disk")
+STORE_CHOICES = ("auto", *BACKENDS)  # "auto": RAM without a KV memory limit, disk with one
 
 
 class KVStoreError(TiermemError):
@@ -37,21 +39,31 @@ class KVStoreError(TiermemError):
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """Where evicted KV blocks live. ``warm_bytes`` bounds the RAM tier of the disk backend (None: no bound);
-    a :class:`MemoryMeter` with a limit bounds it further to what the other holders leave free."""
+    """Where KV lives: the block store's ``backend`` and ``folder``, and the hot buffers' ``allocator``.
 
-    backend: str = "ram"
+    ``warm_bytes`` bounds the RAM tier of the disk backend (None: no bound); a :class:`MemoryMeter` with a limit
+    bounds it further to what the other holders leave free. ``backend="auto"`` is a request: :meth:`resolve` turns it
+    into ``"disk"`` under a KV memory limit and ``"ram"`` without one.
+    """
+
+    backend: str = "auto"
     folder: str | None = None  # parent of the temporary folder for the disk backend (default: the system temp dir)
     warm_bytes: int | None = None
     allocator: str = "grow"  # how hot KV buffers get memory: "grow", "paged" or "concat" (see tiermem.kvstore)
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise TiermemError(f"unknown KV store '{self.backend}': use one of {', '.join(BACKENDS)}")
-        if self.allocator not in ("grow", "paged", "concat"):
-            raise TiermemError(f"unknown KV allocator '{self.allocator}': use grow, paged or concat")
+        if self.backend not in STORE_CHOICES:
+            raise TiermemError(f"unknown KV store '{self.backend}': use one of {', '.join(STORE_CHOICES)}")
+        if self.allocator not in ALLOCATORS:
+            raise TiermemError(f"unknown KV allocator '{self.allocator}': use one of {', '.join(ALLOCATORS)}")
         if self.folder is not None and not Path(self.folder).is_dir():
             raise TiermemError(f"KV store folder '{self.folder}' does not exist")
+
+    def resolve(self, kv_memory: int | None) -> StoreConfig:
+        """This configuration with ``"auto"`` replaced by the backend a run with this KV memory limit uses."""
+        if self.backend != "auto":
+            return self
+        return replace(self, backend="disk" if kv_memory is not None else "ram")
 
 
 @dataclass(frozen=True)
@@ -72,9 +84,9 @@ class BlockStore:
     WARM = "block store (warm tier)"
 
     def __init__(self, config: StoreConfig, dtype: torch.dtype, meter: MemoryMeter | None = None):
-        self.config = config
-        self.dtype = dtype
         self.meter = meter or MemoryMeter()
+        self.config = config.resolve(self.meter.limit)
+        self.dtype = dtype
         self._ram: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._warm: OrderedDict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._warm_bytes = 0
@@ -86,9 +98,9 @@ class BlockStore:
         self.folder: Path | None = None
         self.reads = 0  # blocks read from disk
         self.peak_warm_bytes = 0
-        if config.backend == "disk":
+        if self.config.backend == "disk":
             self.meter.reclaim = lambda: self._shrink(self._warm_limit())
-            self.folder = Path(tempfile.mkdtemp(prefix="tiermem-kv-", dir=config.folder))
+            self.folder = Path(tempfile.mkdtemp(prefix="tiermem-kv-", dir=self.config.folder))
             self._finalizer = weakref.finalize(self, _remove, self.folder, self._files)
 
     # -- writing -----------------------------------------------------------------------------------------------

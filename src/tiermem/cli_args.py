@@ -1,0 +1,57 @@
+"""Argument groups shared by ``tiermem generate`` and ``tiermem bench``, and the configuration tree they build.
+
+Each flag is defined once here; ``choices=`` come from the tables that validate the values (``models.DTYPES``,
+``prompts.STYLES``, ``kvstore.blocks.STORE_CHOICES``, ``kvstore.ALLOCATORS``). Tables are imported inside the
+functions, so importing this module stays cheap and cycle-free (it imports no command module).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from tiermem.units import parse_size, parse_tokens
+
+if TYPE_CHECKING:
+    from tiermem.engine import GenerationConfig
+
+
+def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    from tiermem.models import DTYPES
+
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight and KV dtype")
+
+
+def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int | None) -> None:
+    """The flags of :class:`GenerationConfig` and its :class:`StoreConfig`, plus the prompt style
+    (``max_new_tokens=None``: the command picks a default per task)."""
+    from tiermem.kvstore import ALLOCATORS
+    from tiermem.kvstore.blocks import STORE_CHOICES
+    from tiermem.prompts import STYLES
+
+    more = "" if max_new_tokens is not None else " (default: each task's own, RULER's for suite tasks)"
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens generated at most" + more)
+    parser.add_argument("--chunk-size", type=parse_tokens, default=512, help="prefill chunk size in tokens")
+    parser.add_argument("--question-aware", action="store_true", help="compress context and question together")
+    parser.add_argument("--prompt-style", default="auto", choices=list(STYLES))
+    parser.add_argument("--kv-memory", type=parse_size, help="KV bytes held in RAM at most, e.g. 512MB (rest on disk)")
+    parser.add_argument("--kv-store", default="auto", choices=list(STORE_CHOICES), help="where evicted blocks live")
+    parser.add_argument("--kv-dir", help="folder for the disk store's temporary files (default: system temp)")
+    parser.add_argument("--kv-alloc", default="grow", choices=list(ALLOCATORS), help="KV buffer memory")
+
+
+def generation_config(args: argparse.Namespace, **fields: Any) -> GenerationConfig:
+    """The :class:`GenerationConfig` (with its :class:`StoreConfig`) the shared flags describe; ``fields`` set or
+    override the others (``generate``'s temperature, top_p, seed and stop strings)."""
+    from tiermem.engine import GenerationConfig
+    from tiermem.kvstore.blocks import StoreConfig
+
+    store = StoreConfig(backend=args.kv_store, folder=args.kv_dir, allocator=args.kv_alloc)
+    values: dict[str, Any] = {
+        "max_new_tokens": args.max_new_tokens,
+        "chunk_size": args.chunk_size,
+        "question_aware": args.question_aware,
+        "kv_memory": args.kv_memory,
+        "store": store,
+    }
+    return GenerationConfig(**(values | fields))
