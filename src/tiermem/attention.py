@@ -76,6 +76,8 @@ def _attention_forward(
     if hasattr(module, "q_norm"):  # Qwen3 and Gemma3 normalise queries and keys per head before RoPE
         q, k = module.q_norm(q), module.k_norm(k)
     layer, auto_end = _layer_for(cache if cache is not None else past_key_values, info, layer_factory)
+    if layer.probe_start is not None:  # a look at the question that stores nothing (TierCache.probe)
+        return module.o_proj(layer.probe(q, k, v).transpose(1, 2).reshape(1, t, -1)), None
     out = layer.attend(q, k, v)
     if auto_end and t > 1:
         layer.end_context()

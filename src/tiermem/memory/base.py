@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tiermem.errors import TiermemError
 from tiermem.layer_info import LayerInfo
@@ -58,6 +58,17 @@ class Policy:
 
     def observe_surprise(self, layers: list[TierLayer], surprise: torch.Tensor) -> None:
         """Receive the surprise (T,) of the tokens of the last forward. Default: unused."""
+
+    @property
+    def probes_question(self) -> bool:
+        """True when the policy wants a probe forward of the question before reading it (``TierCache.probe``)."""
+        return False
+
+    def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        """Per-model preparation before a cache is built (e.g. calibration, cached on disk). Default: nothing."""
+
+    def after_probe(self, layers: list[TierLayer]) -> None:
+        """Decide from what the probe forward recorded (``TierCache.probe``). Default: nothing."""
 
     def observe_tokens(self, layers: list[TierLayer], start: int, pieces: list[str]) -> None:
         """Receive the decoded text of the tokens at positions ``start, start+1, ...``. Default: unused."""

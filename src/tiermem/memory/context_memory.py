@@ -26,6 +26,7 @@ from abc import abstractmethod
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tiermem.errors import TiermemError
 from tiermem.kvstore import make_buffer
@@ -33,8 +34,10 @@ from tiermem.kvstore.blocks import BlockStore, StoreConfig
 from tiermem.kvstore.dense import KVBuffer
 from tiermem.layer_info import LayerInfo
 from tiermem.memory.base import Policy
+from tiermem.memory.head_retrieval import SharedRetrieval
 from tiermem.memory.joint_attention import joint_attention
-from tiermem.memory.layer import TierLayer
+from tiermem.memory.layer import TierLayer, attention
+from tiermem.memory.retrieval_heads import retrieval_heads
 from tiermem.rope import apply_rope, unapply_rope
 
 
@@ -50,6 +53,12 @@ class ContextMemoryPolicy(Policy):
     # tiermem variant): memory tokens keep their order, consecutive positions just before the local window, so a
     # small model can read a multi-token fact (a number split into digit tokens) in the right order.
     memory_positions: str = "fixed"
+    # "mean" (the papers'): each layer retrieves with each execution block's mean query against one representative
+    # key per block. "heads" (a tiermem variant, tiermem.memory.head_retrieval): the question's queries in the
+    # model's calibrated retrieval heads pick one block set, by max q.k, for every layer and the whole answer.
+    retrieval: str = "mean"
+    retrieval_heads: int = 8  # how many calibrated heads vote ("heads" retrieval)
+    neighbours: int = 0  # blocks after each retrieved block also attended ("heads" retrieval)
 
     fits_any_length = True
     hot_set = "local windows, prefill chunk, init tokens and retrieved blocks"
@@ -57,6 +66,40 @@ class ContextMemoryPolicy(Policy):
     def check_memory_positions(self) -> None:
         if self.memory_positions not in ("fixed", "ordered"):
             raise TiermemError(f"memory_positions must be 'fixed' or 'ordered', not {self.memory_positions!r}")
+        if self.retrieval not in ("mean", "heads"):
+            raise TiermemError(f"retrieval must be 'mean' or 'heads', not {self.retrieval!r}")
+        if self.retrieval_heads < 1 or self.neighbours < 0:
+            raise TiermemError("retrieval_heads must be at least 1 and neighbours at least 0")
+
+    @property
+    def probes_question(self) -> bool:
+        return self.retrieval == "heads"
+
+    def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        """Find the model's retrieval heads (calibrated once per model, cached on disk) for "heads" retrieval."""
+        if self.retrieval != "heads":
+            return
+        if tokenizer is None:
+            raise TiermemError(f"policy '{self.name}' with heads retrieval needs the tokenizer to calibrate")
+        self._heads = retrieval_heads(model, tokenizer, self.retrieval_heads)
+
+    def setup(self, layers: list[TierLayer], store: BlockStore) -> None:
+        super().setup(layers, store)
+        heads = getattr(self, "_heads", None)
+        if heads is not None:
+            shared = SharedRetrieval(heads, self.neighbours)
+            for layer in layers:
+                if isinstance(layer, ContextMemoryLayer):
+                    layer.shared = shared
+
+    def after_probe(self, layers: list[TierLayer]) -> None:
+        """One block set for every layer from the probe's retrieval-head queries."""
+        memory_layers = [layer for layer in layers if isinstance(layer, ContextMemoryLayer)]
+        if not memory_layers or memory_layers[0].shared is None:
+            return
+        chosen = memory_layers[0].shared.decide(memory_layers, memory_layers[0].choose)
+        for layer in memory_layers:
+            layer.fixed_blocks = chosen if layer.block_sizes else None
 
     def global_capacity(self) -> int:
         """Most tokens a query may retrieve from memory (for sizing and the memory check)."""
@@ -104,6 +147,8 @@ class ContextMemoryLayer(TierLayer):
         self.store: BlockStore | None = None
         self._assembled: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
         self.last_retrieved: list[int] = []
+        self.shared: SharedRetrieval | None = None  # set by the policy for "heads" retrieval
+        self.fixed_blocks: list[int] | None = None  # the shared decision, once the question was probed
         self._peak = 0
 
     # -- setup ---------------------------------------------------------------------------------------------------
@@ -128,6 +173,10 @@ class ContextMemoryLayer(TierLayer):
     @abstractmethod
     def retrieve(self, query: torch.Tensor, length: int) -> list[int]:
         """Block ids to attend for one execution block, given its mean global query (Hq*D,) and its length."""
+
+    @abstractmethod
+    def choose(self, order: list[int]) -> list[int]:
+        """The blocks to retrieve given all block ids best first (the policy's budget: top-k, or a token fill)."""
 
     # -- the forward --------------------------------------------------------------------------------------------
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -156,7 +205,10 @@ class ContextMemoryLayer(TierLayer):
         edge_slots = edge.nonzero().flatten()
         fixed_cos, fixed_sin = rope.cos_sin_range(n_local - 1, 1)
         q_global = apply_rope(q, fixed_cos, fixed_sin)
-        blocks = self.retrieve(q_global.mean(dim=2).reshape(-1), t) if self.block_sizes else []
+        if self.fixed_blocks is not None:
+            blocks = self.fixed_blocks
+        else:
+            blocks = self.retrieve(q_global.mean(dim=2).reshape(-1), t) if self.block_sizes else []
         self.last_retrieved = blocks
         g_keys, g_values, g_mask = self._memory(blocks, keys, values, k_pos, edge_slots, dist)
         q_memory = q_global
@@ -268,6 +320,31 @@ class ContextMemoryLayer(TierLayer):
         top = scores.topk(min(self.policy.repr_topk, scores.shape[1]), dim=-1).indices  # (Hq, r)
         chosen = expanded.gather(1, top[:, :, None].expand(-1, -1, keys.shape[-1]))
         return chosen.mean(dim=1).reshape(-1)
+
+    # -- the question probe ("heads" retrieval) ---------------------------------------------------------------------
+    def probe(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attend the probe's tokens (at positions ``probe_start``...) over the local window only, storing nothing,
+        and hand the pre-RoPE queries (1, Hq, T, D) to the shared retrieval. Tokens at positions already seen (the
+        prompt's own tail) are in the window; later ones are appended for this call only."""
+        if self.shared is not None:
+            self.shared.record(self.info.layer_idx, q)
+        t, start = q.shape[2], self.probe_position()
+        cos, sin = self.info.rope.cos_sin_range(start, t)
+        q_pos = torch.arange(start, start + t)
+        keys, values, positions = self.local.view()
+        alive = positions[0] >= self.graduated
+        keys, values, k_pos = keys[:, :, alive], values[:, :, alive], positions[0, alive]
+        new = q_pos >= self.seen
+        if bool(new.any()):
+            keys = torch.cat([keys, apply_rope(k, cos, sin)[:, :, new]], dim=2)
+            values = torch.cat([values, v[:, :, new]], dim=2)
+            k_pos = torch.cat([k_pos, q_pos[new]])
+        return attention(apply_rope(q, cos, sin), keys, values, q_pos, k_pos, self.info)
+
+    def all_block_keys(self) -> torch.Tensor:
+        """Keys (Hkv, S, D) before RoPE of every block in memory, in block order (read from the store)."""
+        assert self.store is not None
+        return torch.cat([self.store.get(self.info.layer_idx, b)[0] for b in range(len(self.block_sizes))], dim=1)
 
     # -- accounting ---------------------------------------------------------------------------------------------
     def kv_tokens(self) -> int:

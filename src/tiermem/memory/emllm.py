@@ -65,7 +65,7 @@ class EMLLM(ContextMemoryPolicy):
             raise TiermemError("emllm contiguity_buffer_size is a fraction of n_mem in (0, 1)")
 
     def global_capacity(self) -> int:
-        return self.n_mem + self.exc_block_size + 2 * self.max_block_size
+        return (1 + self.neighbours) * self.n_mem + self.exc_block_size + 2 * self.max_block_size
 
     def fewest_block_tokens(self) -> int:
         # Events are cut by surprise, so their number is known only as the text is read: size the hot retrieval
@@ -153,6 +153,10 @@ class EMLLMLayer(ContextMemoryLayer):
             self._update_contiguity(chosen, int(policy.contiguity_buffer_size * full_cap + 1))
             chosen = [b for b in self.contiguity_buffer if b not in chosen] + chosen
         return chosen
+
+    def choose(self, order: list[int]) -> list[int]:
+        """Events best first until ``n_mem`` tokens (the question's shared decision)."""
+        return _fill(order, self.block_sizes, self.policy.n_mem, exclude=set())
 
     def _update_contiguity(self, chosen: list[int], cap: int) -> None:
         """Neighbours (+1, -1) of the retrieved events, kept as a queue across steps within ``cap`` tokens."""

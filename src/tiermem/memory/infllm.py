@@ -44,7 +44,7 @@ class InfLLM(ContextMemoryPolicy):
             raise TiermemError("infllm exc_block_size must not exceed n_local")
 
     def global_capacity(self) -> int:
-        return self.topk * self.block_size + self.block_size
+        return self.topk * (1 + self.neighbours) * self.block_size + self.block_size
 
     def fewest_block_tokens(self) -> int:
         return self.block_size
@@ -65,3 +65,6 @@ class InfLLMLayer(ContextMemoryLayer):
             return list(range(len(self.block_sizes)))
         scores = self.reprs @ query
         return scores.topk(self.policy.topk).indices.tolist()
+
+    def choose(self, order: list[int]) -> list[int]:
+        return order[: self.policy.topk]

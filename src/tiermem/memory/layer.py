@@ -73,6 +73,7 @@ class TierLayer(CacheLayerMixin):
         self.total_tokens: int | None = None  # set by plan(): context, question and new tokens together
         self.end_context_after_prefill = False  # context-manager mode: compress after generate()'s prefill forward
         self.meter: MemoryMeter | None = None  # set by a TierCache: this layer reports its bytes there
+        self.probe_start: int | None = None  # set while a probe forward runs (see probe)
         self.is_initialized = True
 
     @abstractmethod
@@ -81,6 +82,15 @@ class TierLayer(CacheLayerMixin):
 
         ``q`` (1, Hq, T, D), ``k`` and ``v`` (1, Hkv, T, D), all before RoPE. Returns (1, Hq, T, D).
         """
+
+    def probe(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attend tokens at positions ``probe_start``, ... without storing anything (a look at the question before
+        it is read: "heads" retrieval). Shapes as :meth:`attend`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot probe")
+
+    def probe_position(self) -> int:
+        assert self.probe_start is not None
+        return self.probe_start
 
     def bind(self, store: BlockStore) -> None:
         """Receive the cache's block store: report bytes to its meter (block-memory layers also store blocks)."""
@@ -174,6 +184,20 @@ class DenseLayer(TierLayer):
 
     def after_attend(self, rotated_q: torch.Tensor) -> None:
         """Hook after each forward, with this step's rotated queries (1, Hq, T, D). Default: keep everything."""
+
+    def probe(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attend over the buffer plus, for this call only, the probe's tokens not stored yet."""
+        t, start = q.shape[2], self.probe_position()
+        cos, sin = self.info.rope.cos_sin_range(start, t)
+        q_pos = torch.arange(start, start + t)
+        keys, values, positions = self.buffer.view()
+        k_pos = positions[0]
+        new = q_pos >= self.seen
+        if bool(new.any()):
+            keys = torch.cat([keys, apply_rope(k, cos, sin)[:, :, new]], dim=2)
+            values = torch.cat([values, v[:, :, new]], dim=2)
+            k_pos = torch.cat([k_pos, q_pos[new]])
+        return attention(apply_rope(q, cos, sin), keys, values, q_pos, k_pos, self.info)
 
     def bind(self, store: BlockStore) -> None:
         super().bind(store)
