@@ -41,6 +41,11 @@ SMALL_MODEL_MEMORY: dict[str, Any] = {
     "memory_positions": "ordered",
 }
 
+# Block memory picked by the question through the model's retrieval heads (tiermem.memory.head_retrieval): the
+# papers' per-layer mean-query retrieval found a needle in news prose 0/5 at 4k where this finds 5/5 (BENCHMARKS.md);
+# the block after each retrieved one comes too, so a fact cut by a block boundary is read whole.
+HEADS_RETRIEVAL: dict[str, Any] = {"retrieval": "heads", "neighbours": 1}
+
 REGISTRY: dict[str, Entry] = {
     "full": Entry(Full, summary="no compression (baseline)"),
     "streaming": Entry(StreamingLLM, summary="StreamingLLM: 4 attention sinks + recent tokens"),
@@ -76,6 +81,16 @@ REGISTRY: dict[str, Entry] = {
         EMLLM,
         {**SMALL_MODEL_MEMORY, "max_block_size": 64, "n_mem": 256},
         "EM-LLM for small models: 256-token window, 256 retrieved event tokens in order (tiermem variant)",
+    ),
+    "infllm-heads": Entry(
+        InfLLM,
+        {**SMALL_MODEL_MEMORY, **HEADS_RETRIEVAL, "block_size": 64, "topk": 4},
+        "infllm-small whose blocks are picked once from the question by calibrated retrieval heads (tiermem variant)",
+    ),
+    "emllm-heads": Entry(
+        EMLLM,
+        {**SMALL_MODEL_MEMORY, **HEADS_RETRIEVAL, "max_block_size": 64, "n_mem": 256},
+        "emllm-small whose events are picked once from the question by calibrated retrieval heads (tiermem variant)",
     ),
     "sentencekv": Entry(SentenceKV, summary="SentenceKV: sentence vectors hot, sentences' KV offloaded, retrieved"),
 }
