@@ -246,7 +246,7 @@ def test_api_keys(chat_model_dir: Path, tmp_path: Path) -> None:
 
 def test_disconnect_mid_stream_frees_the_worker(served: Served) -> None:
     before = httpx.get(f"{served.url}/metrics").text
-    body = {"model": served.model, "prompt": [1, 2], "max_tokens": 900, "temperature": 0, "stream": True}
+    body = {"model": served.model, "prompt": [1, 2], "max_tokens": 900, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{served.url}/v1/completions", json=body, timeout=30) as response:
         for _ in response.iter_lines():
             break  # read the first event, then hang up
@@ -258,3 +258,23 @@ def test_disconnect_mid_stream_frees_the_worker(served: Served) -> None:
         return next(float(x.split()[1]) for x in text.splitlines() if x.startswith("tiermem_completion_tokens_total"))
 
     assert completion(after) - completion(before) < 900  # the abandoned stream stopped early
+
+
+def test_full_queue_answers_429_with_retry_after(chat_model_dir: Path, tmp_path: Path) -> None:
+    # StreamingLLM bounds positions, so a turn may run for as long as the client listens.
+    with serving(chat_model_dir, tmp_path, "--max-queue", "1", "--policy", "streaming", "--kv-budget", "64") as s:
+        long = {"model": s.model, "prompt": [1, 2], "max_tokens": 10**6, "stream": True, "ignore_eos": True}
+        short = {"model": s.model, "prompt": [3, 4], "max_tokens": 2, "temperature": 0}
+        with httpx.stream("POST", f"{s.url}/v1/completions", json=long, timeout=60) as running:
+            lines = running.iter_lines()  # kept referenced: a collected iterator would close the stream
+            next(lines)  # the worker is busy with this stream
+            queued = threading.Thread(target=httpx.post, args=(f"{s.url}/v1/completions",), kwargs={"json": short})
+            queued.start()
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{s.url}/health").json()["queue"] < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            refused = httpx.post(f"{s.url}/v1/completions", json=short)
+        queued.join(timeout=60)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["type"] == "rate_limit_error"

@@ -173,6 +173,7 @@ def _turn(body: Sampling, limit: int | None, request: Request, options: ServeOpt
         top_p=body.top_p,
         seed=seed,
         stop=body.stops(),
+        ignore_eos=body.ignore_eos,
         **prompt,
     )
 

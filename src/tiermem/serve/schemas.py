@@ -74,6 +74,7 @@ class Sampling(BaseModel):
     response_format: Any = None
     tools: Any = None
     return_token_ids: bool = False  # vLLM's extension: the generated ids in each choice (``token_ids``)
+    ignore_eos: bool = False  # vLLM's extension: decode max_tokens whatever the model says (load tests)
 
     @field_validator("stop")
     @classmethod

@@ -43,6 +43,7 @@ class Turn:
     top_p: float
     seed: int
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
     messages: list[dict[str, str]] | None = None
     prompt: str | list[int] | None = None
 
@@ -244,7 +245,7 @@ class ModelWorker:
                 token = sample(logits, config, generator)
                 if not ids:
                     self.metrics.first_token(time.perf_counter() - job.submitted)
-                if token in self.stops:
+                if token in self.stops and not turn.ignore_eos:
                     finish = "stop"
                     break
                 ids.append(token)
