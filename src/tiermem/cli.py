@@ -33,6 +33,8 @@ def make_policy(name: str, kv_budget: int | None, compression_ratio: float | Non
         if not eq:
             raise TiermemError(f"bad --policy-opt '{item}': expected key=value")
         spec_options[key.strip()] = value
+    if registry.budget_optional(spec_name):
+        return registry.build(spec_name, kv_budget=kv_budget, compression_ratio=compression_ratio, **spec_options)
     if registry.takes_budget(spec_name):
         if kv_budget is None and compression_ratio is None:
             raise TiermemError(f"policy '{spec_name}' needs --kv-budget TOKENS or --compression-ratio FRACTION")
@@ -89,7 +91,11 @@ def stream_config(args: argparse.Namespace) -> Any:
 
 
 def _add_policy_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--policy", default="full", help="policy name, optionally with options: snapkv:window_size=64")
+    parser.add_argument(
+        "--policy",
+        default="auto",
+        help="policy name (default auto: the best measured), with options: snapkv:window_size=64",
+    )
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--kv-budget", type=parse_tokens, help="KV tokens kept per layer (e.g. 512)")
     budget.add_argument("--compression-ratio", type=float, help="fraction of the context removed (kvpress style)")
@@ -146,6 +152,8 @@ def summary_lines(policy: str, weights: str, stats: Any) -> list[str]:
         f"KV peak {stats.kv_bytes_peak / 2**20:.1f} MiB, prefill {stats.prefill_seconds:.2f} s, "
         f"decode {stats.decode_tokens_per_second:.1f} tok/s, peak RSS {stats.peak_rss_bytes / 2**20:.0f} MiB"
     ]
+    if "auto" in extra:  # what --policy auto chose, and why
+        lines.insert(0, f"[auto] {extra['auto']}")
     if weights == "stream":
         lines.append(
             f"[weights stream] {extra['weight_layers_held']} layers held, {extra['weight_loads']} loads, "

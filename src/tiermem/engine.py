@@ -13,6 +13,7 @@ from tiermem.cache import TierCache, store_for
 from tiermem.errors import TiermemError
 from tiermem.kvstore.blocks import StoreConfig
 from tiermem.layer_info import describe_layers
+from tiermem.memory.auto import Auto
 from tiermem.memory.base import Policy
 from tiermem.models import LoadedModel
 from tiermem.prompts import Prompt
@@ -180,9 +181,14 @@ def generate(
     if config.question_aware:
         context, question = torch.cat([context, question], dim=1), question[:, :0]
     total = prompt.num_tokens + config.max_new_tokens
-    policy.check(context.shape[1], total, lm.max_positions)
     if prompt.num_tokens == 0:
         raise TiermemError("the prompt is empty")
+    infos = describe_layers(lm.model)
+    chosen = ""
+    if isinstance(policy, Auto):  # resolved now that the prompt's length is known
+        choice = policy.choose(infos, context.shape[1], total, config)
+        policy, chosen = choice.policy, choice.reason
+    policy.check(context.shape[1], total, lm.max_positions)
 
     stats = Stats(
         policy=repr(policy),
@@ -190,7 +196,8 @@ def generate(
         context_tokens=context.shape[1],
         question_tokens=question.shape[1],
     )
-    infos = describe_layers(lm.model)
+    if chosen:
+        stats.extra["auto"] = chosen
     store = store_for(policy, infos, context.shape[1], total, config.kv_memory, config.store)
     cache = TierCache(lm.model, policy, store, config.kv_memory, lm.tokenizer)
     try:

@@ -8,7 +8,8 @@ from typing import Any
 
 from tiermem.errors import TiermemError
 from tiermem.memory.adakv import AdaKV, AdaKVExpectedAttention
-from tiermem.memory.base import Policy
+from tiermem.memory.auto import Auto
+from tiermem.memory.base import BudgetedPolicy, Policy
 from tiermem.memory.emllm import EMLLM
 from tiermem.memory.expected_attention import ExpectedAttention
 from tiermem.memory.full import Full
@@ -47,6 +48,7 @@ SMALL_MODEL_MEMORY: dict[str, Any] = {
 HEADS_RETRIEVAL: dict[str, Any] = {"retrieval": "heads", "neighbours": 1}
 
 REGISTRY: dict[str, Entry] = {
+    "auto": Entry(Auto, summary="tiermem's best measured policy for the prompt, model and budget (the default)"),
     "full": Entry(Full, summary="no compression (baseline)"),
     "streaming": Entry(StreamingLLM, summary="StreamingLLM: 4 attention sinks + recent tokens"),
     "snapkv": Entry(SnapKV, summary="SnapKV: prompt tokens the observation window attends to (paper defaults)"),
@@ -101,7 +103,13 @@ def names() -> list[str]:
 
 
 def takes_budget(name: str) -> bool:
-    return "kv_budget" in {f.name for f in dataclasses.fields(_entry(name).cls)}
+    """Whether the policy needs a KV budget or compression ratio (``auto`` takes one optionally)."""
+    return issubclass(_entry(name).cls, BudgetedPolicy)
+
+
+def budget_optional(name: str) -> bool:
+    """Whether the policy takes a budget or a ratio without needing one (``auto``)."""
+    return _entry(name).cls is Auto
 
 
 def _entry(name: str) -> Entry:
