@@ -57,6 +57,18 @@ REGISTRY: dict[str, Entry] = {
         {"selection": "chunk", "chunk_size": 32, "kernel_size": 7, "pooling": "maxpool"},
         "SnapKV scores, whole 32-token chunks kept (tiermem variant, ChunkKV-style)",
     ),
+    "snapkv-sentence": Entry(
+        SnapKV,
+        {
+            "selection": "sentence",
+            "chunk_size": 64,
+            "vote": "max",
+            "shared_heads": True,
+            "kernel_size": 7,
+            "pooling": "maxpool",
+        },
+        "SnapKV with max-over-window votes, whole sentences kept, one choice per layer (tiermem variant)",
+    ),
     "knorm": Entry(Knorm, summary="Knorm: keys with the smallest L2 norm (kvpress KnormPress)"),
     "tova": Entry(TOVA, summary="TOVA: tokens the last context token attends to, all heads averaged (kvpress)"),
     "observed-attention": Entry(
