@@ -61,10 +61,9 @@ def decode_copy(
     cache = TierCache(lm.model, policy, None, None, lm.tokenizer)
     cache.plan(n, n + NEW_TOKENS)
     for layer, src in zip(cache.tier_layers, source.tier_layers, strict=True):
-        assert isinstance(src, SnapKVLayer) and src.window_queries is not None
-        layer.buffer = copy.deepcopy(src.buffer)  # type: ignore[attr-defined]
+        layer.buffer = copy.deepcopy(src.buffer)
         layer.seen = src.seen
-        if isinstance(layer, SnapKVLayer):
+        if isinstance(layer, SnapKVLayer) and isinstance(src, SnapKVLayer) and src.window_queries is not None:
             layer.window_queries = src.window_queries[:, :, -layer.policy.window_size :].clone()
     if policy.needs_token_text:
         cache.observe_tokens(0, pieces)
@@ -84,24 +83,72 @@ def run_engine(lm: LoadedModel, prompt: Prompt, policy: Policy) -> tuple[str, in
     return result.text, result.stats.kv_bytes_decode
 
 
+def table(paths: list[Path]) -> str:
+    """Markdown: accuracy per length, points vs full on the same prompts, KV held while decoding vs full's."""
+    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines()]
+
+    def prompt_of(row: dict[str, Any]) -> str:
+        return "/".join(row["key"].split("/")[:5])  # model, task, seed, length, depth, index
+
+    full = {prompt_of(r): r for r in rows if r["policy"] == "full"}
+    lengths = sorted({r["length"] for r in rows})
+    lines = [
+        "| policy | ratio | budget | "
+        + " | ".join(f"{n // 1000}k" for n in lengths)
+        + " | all | vs full | KV vs full |",
+        "|---|---|---|" + "---|" * len(lengths) + "---|---|---|",
+    ]
+    groups: dict[tuple[str, float, bool], list[dict[str, Any]]] = {}
+    for r in rows:
+        if prompt_of(r) in full:
+            groups.setdefault((r["policy"], r["ratio"], r["fold"]), []).append(r)
+    for (policy, ratio, fold), group in groups.items():
+        base = [full[prompt_of(r)] for r in group]
+        cells = []
+        for n in lengths:
+            part = [r["ok"] for r in group if r["length"] == n]
+            cells.append(f"{sum(part)}/{len(part)}")
+        ok, ref = sum(r["ok"] for r in group), sum(r["ok"] for r in base)
+        kv = max(r["kv_bytes_decode"] / b["kv_bytes_decode"] for r, b in zip(group, base, strict=True))
+        points = "—" if policy == "full" else f"{100 * (ok - ref) / len(group):+.0f}"
+        budget = "—" if policy == "full" else ("includes new" if fold else "prompt only")
+        ratio_text = "—" if policy == "full" else f"{1 / (1 - ratio):.0f}x"
+        lines.append(
+            f"| {policy} | {ratio_text} | {budget} | "
+            + " | ".join(cells)
+            + f" | {ok}/{len(group)} ({100 * ok / len(group):.0f}%) | {points} | <= 1/{1 / kv:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="2000,4000,6000")
     parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--task", default="needle", help="needle, or multikey (three distractor needles)")
     parser.add_argument("--policies", default="snapkv,snapkv-chunk,snapkv-sentence")
     parser.add_argument("--ratios", default="0.875,0.75")
     parser.add_argument("--no-fold", action="store_true", help="kvpress budgets: new tokens come on top")
     parser.add_argument("--also", default="", help="extra policy specs run with kvpress budgets (no fold)")
+    parser.add_argument("--ablations", default="", help="extra policy specs run at the first ratio only")
     parser.add_argument("--engine", action="store_true", help="every run through engine.generate")
     parser.add_argument("--check", type=int, default=0, help="first N prompts also through engine.generate")
     parser.add_argument("--out", default="bench-out/qaware_compression.jsonl")
+    parser.add_argument("--table", nargs="+", type=Path, help="only print the table of these result files")
     args = parser.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
 
-    lm = load("smollm2")
+    lm = load(args.model)
     runs = [(spec, float(r), not args.no_fold) for spec in args.policies.split(",") for r in args.ratios.split(",")]
     runs += [(spec, float(r), False) for spec in filter(None, args.also.split(",")) for r in args.ratios.split(",")]
+    runs += [
+        (spec, float(args.ratios.split(",")[0]), not args.no_fold) for spec in filter(None, args.ablations.split(","))
+    ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {json.loads(line)["key"] for line in out.read_text().splitlines()} if out.exists() else set()
@@ -112,9 +159,9 @@ def main() -> None:
         for index in range(args.samples)
     ]
     for number, (length, depth, index) in enumerate(prompts):
-        sample = make_sample("needle", lm.tokenizer, length, depth, index, args.seed)
+        sample = make_sample(args.task, lm.tokenizer, length, depth, index, args.seed)
         prompt = build_prompt(lm, sample.context, sample.question, answer_prefix=sample.answer_prefix)
-        base = f"s{args.seed}/{length}/{depth}/{index}"
+        base = f"{args.model}:{args.task}/s{args.seed}/{length}/{depth}/{index}"
         todo = [("full", 0.0, False), *runs]
         todo = [run for run in todo if f"{base}/{run[0]}/{run[1]}/{run[2]}" not in done]
         if not todo:
@@ -135,8 +182,6 @@ def main() -> None:
             row = {
                 "key": f"{base}/{spec}/{ratio}/{fold}",
                 "length": length,
-                "depth": depth,
-                "index": index,
                 "tokens": ids.shape[1],
                 "policy": spec,
                 "ratio": ratio,
