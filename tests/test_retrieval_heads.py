@@ -17,6 +17,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from tests.conftest import tiny
 from tiermem.attention import patched_attention
 from tiermem.cache import TierCache
 from tiermem.engine import prefill, probe_question
@@ -150,3 +151,11 @@ def test_heads_retrieval_picks_the_block_the_question_names(
     holding = {i for i, s in enumerate(layer.block_starts) if s < stop and s + layer.block_sizes[i] > start}
     assert holding and set(layer.fixed_blocks or []) & holding
     assert all(other.fixed_blocks == layer.fixed_blocks for other in layers)
+
+
+def test_calibration_skips_local_layers(planted: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
+    """Gemma3's sliding-window layers never hold block memory, so no head of theirs is chosen."""
+    _, tokenizer = planted
+    model = tiny("gemma3")  # layers 0, 1, 3 local; 2 global
+    found = calibrate(model, tokenizer, n_heads=3, prompts=2, length=300, block_size=16)
+    assert {layer for layer, _ in found.heads} == {2}

@@ -98,8 +98,8 @@ class ContextMemoryPolicy(Policy):
         if not memory_layers or memory_layers[0].shared is None:
             return
         chosen = memory_layers[0].shared.decide(memory_layers, memory_layers[0].choose)
-        for layer in memory_layers:
-            layer.fixed_blocks = chosen if layer.block_sizes else None
+        for layer in memory_layers:  # None (nothing to decide): each layer keeps retrieving its own way
+            layer.fixed_blocks = chosen
 
     def global_capacity(self) -> int:
         """Most tokens a query may retrieve from memory (for sizing and the memory check)."""

@@ -45,9 +45,10 @@ class SharedRetrieval:
             previous = self.queries.get(layer_idx)
             self.queries[layer_idx] = part if previous is None else torch.cat([previous, part], dim=1)
 
-    def decide(self, layers: list[ContextMemoryLayer], choose: Callable[[list[int]], list[int]]) -> list[int]:
+    def decide(self, layers: list[ContextMemoryLayer], choose: Callable[[list[int]], list[int]]) -> list[int] | None:
         """Score every block with the recorded queries, take them in score order through ``choose`` (the
-        policy's budget: InfLLM's top-k, EM-LLM's token fill), add neighbours; returns sorted block ids."""
+        policy's budget: InfLLM's top-k, EM-LLM's token fill), add neighbours; returns sorted block ids, or None
+        when there is nothing to decide (no blocks yet, or no retrieval head in a block-memory layer)."""
         by_index = {layer.info.layer_idx: layer for layer in layers}
         per_head: list[torch.Tensor] = []
         for layer_idx, queries in self.queries.items():
@@ -62,7 +63,7 @@ class SharedRetrieval:
         n_blocks = len(layers[0].block_sizes) if layers else 0
         if not per_head or n_blocks == 0:
             self.chosen = None
-            return []
+            return None
         scores = combine(per_head)
         self.last_scores = scores
         picked = choose(scores.argsort(descending=True).tolist())

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tiermem.layer_info import attention_modules
+from tiermem.layer_info import attention_modules, describe_layers
 
 CALIBRATION_VERSION = 2
 DISTRACTORS = 3  # other subjects' codes in the same prompt: a head must match the subject, not only the phrase
@@ -257,6 +257,9 @@ def calibrate(
         total = reciprocal if total is None else total + reciprocal
     assert total is not None
     mrr = total / prompts
+    # Only global-attention layers hold block memory (Gemma3's local layers keep their window under every policy).
+    local = [i.layer_idx for i in describe_layers(model) if i.sliding_window is not None]
+    mrr[local] = -1.0
     order = mrr.flatten().argsort(descending=True)[:n_heads].tolist()
     heads = [(i // mrr.shape[1], i % mrr.shape[1]) for i in order]
     return RetrievalHeads(heads, [[round(float(x), 4) for x in row] for row in mrr], prompts)
