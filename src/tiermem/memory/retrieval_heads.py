@@ -190,13 +190,22 @@ def _capture(model: PreTrainedModel, ids: torch.Tensor) -> tuple[list[torch.Tens
     hooks = []
     for module in attention_modules(model):
         d = int(module.head_dim)
-        q_src = module.q_norm if hasattr(module, "q_norm") else module.q_proj
-        k_src = module.k_norm if hasattr(module, "k_norm") else module.k_proj
+        # QK-norm (Qwen3, Gemma3) normalises each head's vector: applied here to the projections' outputs, since
+        # the norm modules see (1, T, H, D) in some families and (1, H, T, D) in others.
+        q_norm = getattr(module, "q_norm", None)
+        k_norm = getattr(module, "k_norm", None)
 
-        def keep(store: list[torch.Tensor], head_dim: int) -> Any:
-            return lambda _m, _i, out: store.append(out.detach().reshape(1, out.shape[1], -1, head_dim))
+        def keep(store: list[torch.Tensor], head_dim: int, norm: Any) -> Any:
+            def hook(_m: Any, _i: Any, out: torch.Tensor) -> None:
+                x = out.detach().reshape(1, out.shape[1], -1, head_dim)
+                store.append(norm(x) if norm is not None else x)
 
-        hooks += [q_src.register_forward_hook(keep(qs, d)), k_src.register_forward_hook(keep(ks, d))]
+            return hook
+
+        hooks += [
+            module.q_proj.register_forward_hook(keep(qs, d, q_norm)),
+            module.k_proj.register_forward_hook(keep(ks, d, k_norm)),
+        ]
     try:
         with torch.inference_mode():
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
