@@ -262,7 +262,8 @@ def test_disconnect_mid_stream_frees_the_worker(served: Served) -> None:
 
 def test_full_queue_answers_429_with_retry_after(chat_model_dir: Path, tmp_path: Path) -> None:
     # StreamingLLM bounds positions, so a turn may run for as long as the client listens.
-    with serving(chat_model_dir, tmp_path, "--max-queue", "1", "--policy", "streaming", "--kv-budget", "64") as s:
+    options = ("--max-queue", "1", "--max-batch", "1", "--policy", "streaming", "--kv-budget", "64")
+    with serving(chat_model_dir, tmp_path, *options) as s:
         long = {"model": s.model, "prompt": [1, 2], "max_tokens": 10**6, "stream": True, "ignore_eos": True}
         short = {"model": s.model, "prompt": [3, 4], "max_tokens": 2, "temperature": 0}
         with httpx.stream("POST", f"{s.url}/v1/completions", json=long, timeout=60) as running:
@@ -278,3 +279,32 @@ def test_full_queue_answers_429_with_retry_after(chat_model_dir: Path, tmp_path:
         queued.join(timeout=60)
         assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
         assert refused.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_concurrent_turns_share_decode_steps_and_match_sequential(chat_model_dir: Path, tmp_path: Path) -> None:
+    prompts = [[5, 6, 7, 8], [40, 41, 42, 43, 44, 45, 46], [90, 91]]
+
+    async def run(url: str, model: str) -> list[list[int]]:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        extra = {"return_token_ids": True, "ignore_eos": True}
+        calls = [
+            client.completions.create(model=model, prompt=p, max_tokens=24, temperature=0, extra_body=extra)
+            for p in prompts
+        ]
+        answers = await asyncio.gather(*calls)
+        await client.close()
+        return [a.choices[0].model_extra["token_ids"] for a in answers]  # type: ignore[index]
+
+    def steps(url: str) -> tuple[float, float]:
+        text = httpx.get(f"{url}/metrics").text
+        values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
+        return values["tiermem_decode_steps_total"], values["tiermem_decode_rows_total"]
+
+    with serving(chat_model_dir, tmp_path / "b", "--max-batch", "4") as batched:
+        together = asyncio.run(run(batched.url, batched.model))
+        step_count, rows = steps(batched.url)
+    with serving(chat_model_dir, tmp_path / "s", "--max-batch", "1") as single:
+        alone = asyncio.run(run(single.url, single.model))
+        assert steps(single.url)[0] == steps(single.url)[1]  # one row per step
+    assert together == alone
+    assert rows == 3 * 23 and step_count < rows  # rows shared steps

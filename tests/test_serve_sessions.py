@@ -27,7 +27,8 @@ from tiermem.serve.metrics import Metrics
 from tiermem.serve.schemas import ApiError
 from tiermem.serve.sessions import SUFFIX, SessionStore
 from tiermem.serve.state import StateError, cache_state
-from tiermem.serve.worker import Job, ModelWorker, Turn
+from tiermem.serve.turns import Job, Turn
+from tiermem.serve.worker import ModelWorker
 
 # Small settings, so a 100-token conversation is compressed, evicted or cut into blocks.
 SMALL: dict[str, dict[str, Any]] = {
@@ -105,6 +106,8 @@ def test_spill_and_restore_is_token_identical(lm: LoadedModel, tmp_path: Path, n
     policy = small_policy(name)
     try:
         kept = conversation(make_worker(lm, policy, tmp_path / "ram"))
+    except StateError as exc:
+        pytest.skip(f"policy '{name}' keeps state the session file cannot hold: {exc}")
     except (RuntimeError, ValueError) as exc:  # the policy itself fails on this model, serving or not
         pytest.skip(f"policy '{name}' fails without spilling: {type(exc).__name__}: {exc}")
     spilling = make_worker(lm, policy, tmp_path / "disk", kv_memory=1)  # every idle session spills at once

@@ -54,6 +54,18 @@ def _layer_for(cache: Any, info: LayerInfo, layer_factory: LayerFactory | None) 
     return layer, True
 
 
+def _project(module: Any, info: LayerInfo, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The module's own projections and QK-norms: q (B, Hq, T, D), k and v (B, Hkv, T, D), before RoPE."""
+    batch, t, _ = hidden_states.shape
+    shape = (batch, t, -1, info.head_dim)
+    q = module.q_proj(hidden_states).view(shape).transpose(1, 2)
+    k = module.k_proj(hidden_states).view(shape).transpose(1, 2)
+    v = module.v_proj(hidden_states).view(shape).transpose(1, 2)
+    if hasattr(module, "q_norm"):  # Qwen3 and Gemma3 normalise queries and keys per head before RoPE
+        q, k = module.q_norm(q), module.k_norm(k)
+    return q, k, v
+
+
 def _attention_forward(
     module: Any,
     info: LayerInfo,
@@ -65,17 +77,26 @@ def _attention_forward(
     past_key_values: Any = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Replacement for ``Attention.forward`` of Llama, Mistral, Qwen2/3 and Gemma3 modules; batch size 1."""
+    """Replacement for ``Attention.forward`` of Llama, Mistral, Qwen2/3 and Gemma3 modules.
+
+    Batch size 1, or one :class:`tiermem.cache.TierCache` per batch row (a cache with ``rows``, as
+    ``tiermem.serve.batch.BatchCache``): then the projections run once for the batch and each row attends under its
+    own cache's layer (batched decoding of independent sessions).
+    """
     batch, t, _ = hidden_states.shape
+    owner = cache if cache is not None else past_key_values
+    q, k, v = _project(module, info, hidden_states)
     if batch != 1:
-        raise ValueError(f"tiermem runs batch size 1, got {batch}")
-    shape = (1, t, -1, info.head_dim)
-    q = module.q_proj(hidden_states).view(shape).transpose(1, 2)  # (1, Hq, T, D)
-    k = module.k_proj(hidden_states).view(shape).transpose(1, 2)  # (1, Hkv, T, D)
-    v = module.v_proj(hidden_states).view(shape).transpose(1, 2)
-    if hasattr(module, "q_norm"):  # Qwen3 and Gemma3 normalise queries and keys per head before RoPE
-        q, k = module.q_norm(q), module.k_norm(k)
-    layer, auto_end = _layer_for(cache if cache is not None else past_key_values, info, layer_factory)
+        rows = getattr(owner, "rows", None)
+        if rows is None or len(rows) != batch:
+            raise ValueError(f"tiermem runs batch size 1, or one TierCache per batch row; got batch {batch}")
+        outs = []
+        for row, qb, kb, vb in zip(rows, q.split(1), k.split(1), v.split(1), strict=True):
+            row_layer, _ = _layer_for(row, info, None)
+            outs.append(row_layer.attend(qb, kb, vb))
+            row_layer.report()
+        return module.o_proj(torch.cat(outs).transpose(1, 2).reshape(batch, t, -1)), None
+    layer, auto_end = _layer_for(owner, info, layer_factory)
     if layer.probe_start is not None:  # a look at the question that stores nothing (TierCache.probe)
         return module.o_proj(layer.probe(q, k, v).transpose(1, 2).reshape(1, t, -1)), None
     out = layer.attend(q, k, v)

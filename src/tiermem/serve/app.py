@@ -25,7 +25,8 @@ from tiermem.serve.metrics import Metrics
 from tiermem.serve.responses import ResponseStore
 from tiermem.serve.responses import register as register_responses
 from tiermem.serve.schemas import ApiError, ChatRequest, CompletionRequest, Sampling
-from tiermem.serve.worker import Job, ModelWorker, Turn
+from tiermem.serve.turns import Job, Turn
+from tiermem.serve.worker import ModelWorker
 
 log = logging.getLogger("tiermem.serve")
 OPEN_PATHS = ("/health", "/")

@@ -35,6 +35,7 @@ def add_serve_parser(sub: Any) -> None:
     serve.add_argument("--api-key", action="append", default=[], help="accepted Bearer key (repeatable)")
     serve.add_argument("--served-model-name", help="model id clients send (default: --model)")
     serve.add_argument("--max-queue", type=int, default=16, help="turns queued before answering 429")
+    serve.add_argument("--max-batch", type=int, default=8, help="turns decoded together in one forward")
     serve.add_argument("--max-tokens", type=parse_tokens, default=256, help="default max_tokens of a request")
     serve.add_argument("--chunk-size", type=parse_tokens, default=512, help="prefill chunk size in tokens")
 
@@ -52,8 +53,8 @@ def build(args: argparse.Namespace) -> Any:
     from tiermem.serve.worker import ModelWorker
     from tiermem.weights.shards import source_fingerprint
 
-    if args.max_queue < 1:
-        raise TiermemError("--max-queue must be at least 1")
+    if args.max_queue < 1 or args.max_batch < 1:
+        raise TiermemError("--max-queue and --max-batch must be at least 1")
     if not 0 < args.port < 65536:
         raise TiermemError(f"--port must be in 1..65535, got {args.port}")
     policy = make_policy(args.policy, args.kv_budget, args.compression_ratio, args.policy_opt)
@@ -66,9 +67,10 @@ def build(args: argparse.Namespace) -> Any:
     def make_cache() -> TierCache:
         return TierCache(lm.model, policy, tokenizer=lm.tokenizer)
 
+    make_cache().close()  # a policy that cannot build a cache (e.g. one that picks a policy per prompt) fails here
     store = SessionStore(folder, key, make_cache, args.kv_memory, args.sessions_disk, args.durable)
     metrics = Metrics()
-    worker = ModelWorker(lm, policy, store, metrics, args.max_queue, args.chunk_size, args.max_tokens)
+    worker = ModelWorker(lm, policy, store, metrics, args.max_queue, args.chunk_size, args.max_tokens, args.max_batch)
     name = args.served_model_name or args.model
     options = ServeOptions(model_id=name, api_keys=tuple(args.api_key))
     return create_app(worker, metrics, options, ResponseStore(folder, args.durable))

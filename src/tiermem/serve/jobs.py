@@ -9,7 +9,8 @@ from typing import Any
 from fastapi import Request
 
 from tiermem.serve.schemas import ApiError
-from tiermem.serve.worker import Job, ModelWorker, Overloaded, ShuttingDown, Turn
+from tiermem.serve.turns import Job, Turn
+from tiermem.serve.worker import ModelWorker, Overloaded, ShuttingDown
 
 DISCONNECT_POLL_S = 0.5
 

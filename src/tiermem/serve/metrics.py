@@ -22,6 +22,13 @@ class Metrics:
         self.ttft_buckets = [0] * len(TTFT_BUCKETS)
         self.ttft_sum = 0.0
         self.ttft_count = 0
+        self.decode_steps = 0
+        self.decode_rows = 0
+
+    def decode_step(self, rows: int) -> None:
+        with self._lock:
+            self.decode_steps += 1
+            self.decode_rows += rows
 
     def request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -53,6 +60,8 @@ class Metrics:
                 ("prompt_tokens", self.prompt_tokens, "Prompt tokens of completed turns."),
                 ("cached_tokens", self.cached_tokens, "Prompt tokens a stored session already held."),
                 ("completion_tokens", self.completion_tokens, "Generated tokens."),
+                ("decode_steps", self.decode_steps, "Batched decode forwards."),
+                ("decode_rows", self.decode_rows, "Tokens decoded by those forwards (rows / steps = batch size)."),
                 ("sessions_dropped", store.dropped, "Sessions dropped because RAM and disk were full."),
                 ("sessions_spilled", store.spilled, "Sessions moved from RAM to disk."),
                 ("sessions_restored", store.restored, "Sessions read back from disk."),

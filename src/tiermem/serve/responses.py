@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tiermem.serve.jobs import collect, submit
 from tiermem.serve.schemas import ApiError
-from tiermem.serve.worker import Job, ModelWorker, Turn
+from tiermem.serve.turns import Job, Turn
+from tiermem.serve.worker import ModelWorker
 
 RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
 

@@ -66,6 +66,11 @@ class _Encoder:
             return {"tuple": [self.value(x, f"{path}.{i}") for i, x in enumerate(obj)]}
         if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
             return {"dict": {k: self.value(v, f"{path}.{k}") for k, v in obj.items()}}
+        if isinstance(obj, dict) and all(isinstance(k, int | tuple) for k in obj):
+            items = [
+                [self.value(k, f"{path}.key{i}"), self.value(v, f"{path}.{i}")] for i, (k, v) in enumerate(obj.items())
+            ]
+            return {"items": items}
         if id(obj) in self._objects:
             return {"same": self._objects[id(obj)]}
         if isinstance(obj, KVBuffer):
@@ -134,6 +139,10 @@ def _decode(enc: Any, tensors: dict[str, torch.Tensor], current: Any, path: str)
         return tuple(_decode(x, tensors, None, f"{path}.{i}") for i, x in enumerate(body))
     if kind == "dict":
         return {k: _decode(v, tensors, None, f"{path}.{k}") for k, v in body.items()}
+    if kind == "items":  # a dict with int or tuple keys
+        return {
+            _decode(k, tensors, None, path): _decode(v, tensors, None, f"{path}.{i}") for i, (k, v) in enumerate(body)
+        }
     if kind == "same":
         return current  # restored where it was first written; the fresh cache shares it the same way
     if kind == "kvbuffer":
@@ -167,7 +176,8 @@ def _fill_buffer(buffer: KVBuffer, body: dict[str, Any], tensors: dict[str, torc
 
 def restore_attributes(obj: Any, attrs: dict[str, Any], tensors: dict[str, torch.Tensor], path: str) -> None:
     for name, enc in attrs.items():
-        setattr(obj, name, _decode(enc, tensors, getattr(obj, name, None), f"{path}.{name}"))
+        # object.__setattr__: frozen dataclasses (calibration records) are restored too
+        object.__setattr__(obj, name, _decode(enc, tensors, getattr(obj, name, None), f"{path}.{name}"))
 
 
 def cache_state(cache: TierCache) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

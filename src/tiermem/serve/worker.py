@@ -1,14 +1,17 @@
 """The model runner: one thread owns the model and the session store; requests reach it through a bounded queue.
 
 The model is not thread-safe (tiermem's attention forward is patched onto its modules), so every forward runs on
-this thread, one turn at a time. Async endpoints submit a :class:`Job` and await its events (``start``, ``text``,
-``done`` or ``error``), which the thread hands to the event loop with ``call_soon_threadsafe``. A job whose client
-went away is cancelled: a queued one is skipped, a running one stops at its next token.
+this thread. Async endpoints submit a :class:`~tiermem.serve.turns.Job` and await its events (``start``, ``text``,
+``done`` or ``error``), which the thread hands to the event loop with ``call_soon_threadsafe``.
+
+Continuous batching: up to ``max_batch`` turns run at once. A new turn is admitted between decode steps (its prompt
+is prefilled alone), then every running turn's next token is fed in one batched forward
+(:func:`tiermem.serve.batch.decode_step`). A turn whose client went away is cancelled: a queued one is skipped, a
+running one leaves the batch at the next step, its session consistent with the tokens it was fed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import queue
@@ -22,42 +25,17 @@ import numpy as np
 import torch
 
 from tiermem.attention import patched_attention
-from tiermem.engine import GenerationConfig, forward, prefill, sample, stop_token_ids, token_pieces
+from tiermem.engine import GenerationConfig, prefill, sample, stop_token_ids, token_pieces
 from tiermem.errors import TiermemError
 from tiermem.memory.base import Policy
 from tiermem.models import LoadedModel
+from tiermem.serve.batch import decode_step
 from tiermem.serve.metrics import Metrics
 from tiermem.serve.schemas import ApiError
 from tiermem.serve.sessions import Session, SessionStore, SessionUnavailable
+from tiermem.serve.turns import Job, TextDelta, Turn
 
 log = logging.getLogger("tiermem.serve")
-
-
-@dataclass
-class Turn:
-    """One request, model-agnostic: ``messages`` (chat) or ``prompt`` (text or token ids)."""
-
-    owner: str
-    max_tokens: int | None  # None: the server's default, shortened to the positions the model has left
-    temperature: float
-    top_p: float
-    seed: int
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    messages: list[dict[str, str]] | None = None
-    prompt: str | list[int] | None = None
-
-
-@dataclass
-class Job:
-    turn: Turn
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted: float = field(default_factory=time.perf_counter)
-
-    def emit(self, kind: str, data: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, data))
 
 
 class Overloaded(Exception):
@@ -68,31 +46,29 @@ class ShuttingDown(Exception):
     """The worker takes no new turns."""
 
 
-class TextDelta:
-    """Text of the generated ids, released in pieces: an incomplete UTF-8 character and anything that could be the
-    start of a stop string are held back until the next token settles them."""
+@dataclass
+class Running:
+    """A turn between decode steps. ``token`` is sampled and waits to be fed; the session holds everything before."""
 
-    def __init__(self, tokenizer: Any, stops: tuple[str, ...]):
-        self.tokenizer = tokenizer
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.emitted = 0
+    job: Job
+    session: Session
+    start: dict[str, Any]
+    config: GenerationConfig
+    generator: torch.Generator
+    delta: TextDelta
+    ids: list[int] = field(default_factory=list)
+    token: int | None = None
+    finish: str = "length"
+    text: str = ""
 
-    def text(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
-    def push(self, text: str) -> str:
-        end = len(text) - self.hold
-        if text.endswith("\ufffd"):
-            end = min(end, len(text) - 1)
-        piece = text[self.emitted : max(end, self.emitted)]
-        self.emitted += len(piece)
-        return piece
-
-    def rest(self, text: str) -> str:
-        piece = text[self.emitted :]
-        self.emitted = len(text)
-        return piece
+def _as_api_error(exc: Exception) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, TiermemError):
+        return ApiError(400, str(exc))
+    log.error("turn failed: %s", traceback.format_exc())
+    return ApiError(500, f"internal error: {type(exc).__name__}", kind="server_error")
 
 
 class ModelWorker:
@@ -105,17 +81,19 @@ class ModelWorker:
         max_queue: int = 16,
         chunk_size: int = 512,
         default_max_tokens: int = 256,
+        max_batch: int = 8,
     ):
-        self.default_max_tokens = default_max_tokens
         self.lm = lm
         self.policy = policy
         self.store = store
         self.metrics = metrics
         self.chunk_size = chunk_size
+        self.default_max_tokens = default_max_tokens
+        self.max_batch = max_batch
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.stops = stop_token_ids(lm)
         self.vocab = int(lm.model.get_input_embeddings().weight.shape[0])
-        self.busy = False
+        self.running: list[Running] = []
         self.closing = False
         self._thread = threading.Thread(target=self._loop, name="tiermem-model", daemon=True)
 
@@ -123,7 +101,7 @@ class ModelWorker:
         self._thread.start()
 
     def stop(self) -> None:
-        """Refuse new turns, cancel queued ones, finish the running one, write what is not on disk yet."""
+        """Refuse new turns, cancel queued ones, finish the running ones, write what is not on disk yet."""
         self.closing = True
         with self.jobs.mutex:
             for job in self.jobs.queue:
@@ -143,26 +121,57 @@ class ModelWorker:
 
     @property
     def depth(self) -> int:
-        return self.jobs.qsize() + int(self.busy)
+        """Turns queued or running."""
+        return self.jobs.qsize() + len(self.running)
 
+    # -- the loop ------------------------------------------------------------------------------------------------
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
-        while (job := self.jobs.get()) is not None:
-            if job.cancelled.is_set():  # its client left, or the server is stopping
-                job.emit("error", ApiError(503, "the request was cancelled", kind="server_error"))
-                continue
-            self.busy = True
-            try:
-                self._run(job)
-            except ApiError as exc:
-                job.emit("error", exc)
-            except TiermemError as exc:
-                job.emit("error", ApiError(400, str(exc)))
-            except Exception as exc:  # never let one request take the worker down
-                log.error("turn failed: %s", traceback.format_exc())
-                job.emit("error", ApiError(500, f"internal error: {type(exc).__name__}", kind="server_error"))
-            finally:
-                self.busy = False
+        stopping = False
+        with torch.inference_mode(), patched_attention(self.lm.model):
+            while not (stopping and not self.running):
+                while not stopping and len(self.running) < self.max_batch:
+                    try:
+                        job = self.jobs.get(block=not self.running)
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        stopping = True
+                    elif job.cancelled.is_set():  # its client left, or the server is stopping
+                        job.emit("error", ApiError(503, "the request was cancelled", kind="server_error"))
+                    else:
+                        self._admit(job)
+                if self.running:
+                    self._step()
+
+    def _admit(self, job: Job) -> None:
+        try:
+            running = self._begin(job)
+        except Exception as exc:  # never let one request take the worker down
+            job.emit("error", _as_api_error(exc))
+            return
+        if running is not None:
+            self.running.append(running)
+
+    def _step(self) -> None:
+        batch = self.running
+        try:
+            self._feed(batch)
+        except Exception as exc:
+            error = _as_api_error(exc)
+            for turn in batch:
+                self.store.release(turn.session, ok=False)
+                turn.job.emit("error", error)
+            self.running = []
+            return
+        self.running = [t for t in batch if t.token is not None]
+
+    def _run(self, job: Job) -> None:
+        """One turn from start to end on the calling thread (tests; the server uses the loop)."""
+        with torch.inference_mode(), patched_attention(self.lm.model):
+            running = self._begin(job)
+            while running is not None and running.token is not None:
+                self._feed([running])
 
     # -- one turn ------------------------------------------------------------------------------------------------
     def tokenize(self, turn: Turn) -> list[int]:
@@ -181,90 +190,105 @@ class ModelWorker:
             return list(turn.prompt)
         return list(tokenizer(str(turn.prompt)).input_ids)
 
-    def _run(self, job: Job) -> None:
-        turn = job.turn
-        ids = self.tokenize(turn)
-        if not ids:
-            raise ApiError(400, "the prompt is empty", param="prompt")
+    def _limit(self, turn: Turn, prompt_tokens: int) -> Turn:
+        """``turn`` with its token limit resolved and checked against the policy and the model's positions."""
         if turn.max_tokens is None:
             limit = self.default_max_tokens
             if self.lm.max_positions and not self.policy.fits_any_length:
-                limit = max(1, min(limit, self.lm.max_positions - len(ids)))
-            turn = job.turn = dataclasses.replace(turn, max_tokens=limit)
+                limit = max(1, min(limit, self.lm.max_positions - prompt_tokens))
+            turn = dataclasses.replace(turn, max_tokens=limit)
         assert turn.max_tokens is not None
-        total = len(ids) + turn.max_tokens
         try:
-            self.policy.check(len(ids), total, self.lm.max_positions)
+            self.policy.check(prompt_tokens, prompt_tokens + turn.max_tokens, self.lm.max_positions)
         except TiermemError as exc:
             raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
+        return turn
+
+    def _begin(self, job: Job) -> Running | None:
+        """Tokenize, find or make the session, prefill what it lacks, sample the first token. None: already done."""
+        ids = self.tokenize(job.turn)
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        turn = job.turn = self._limit(job.turn, len(ids))
         try:
             lease = self.store.acquire(turn.owner, np.asarray(ids, dtype=np.int64))
         except SessionUnavailable as exc:  # this session only: the server keeps serving the others
             raise ApiError(409, str(exc), code="session_unavailable") from None
-        session = lease.session
-        ok = False
-        try:
-            job.emit("start", {"prompt_tokens": len(ids), "cached_tokens": lease.reused, "session": session.id})
-            completion, finish, text = self._generate(job, session, lease.fresh, ids[lease.reused :])
-            ok = True
-        finally:
-            self.store.release(session, ok)  # durable: on disk before the response ends
-        self.metrics.turn(len(ids), lease.reused, len(completion))
-        job.emit(
-            "done", {"finish_reason": finish, "completion_tokens": len(completion), "text": text, "ids": completion}
-        )
-
-    def _generate(self, job: Job, session: Session, fresh: bool, new: list[int]) -> tuple[list[int], str, str]:
-        """Prefill ``new`` on the leased session, then decode. Keeps ``session.tokens`` and ``session.logits``
-        equal to what the cache holds after every forward, so a turn stopped anywhere leaves a usable session.
-        Returns the generated ids, the finish reason (``stop``, ``length`` or ``cancelled``) and the text."""
-        turn, model, cache = job.turn, self.lm.model, session.cache
-        assert cache is not None and turn.max_tokens is not None
-        config = GenerationConfig(max_new_tokens=turn.max_tokens, temperature=turn.temperature, top_p=turn.top_p)
+        session, new = lease.session, ids[lease.reused :]
+        start = {"prompt_tokens": len(ids), "cached_tokens": lease.reused, "session": session.id}
+        config = GenerationConfig(max_new_tokens=turn.max_tokens or 1, temperature=turn.temperature, top_p=turn.top_p)
         generator = torch.Generator().manual_seed(turn.seed)
-        delta = TextDelta(self.lm.tokenizer, turn.stop)
-        ids: list[int] = []
-        finish, text = "length", ""
-        with torch.inference_mode(), patched_attention(model):
-            logits = session.logits
-            if fresh:
-                held = len(session.tokens) + len(new)
-                cache.plan(held, held + turn.max_tokens)
+        running = Running(job, session, start, config, generator, TextDelta(self.lm.tokenizer, turn.stop))
+        try:
+            job.emit("start", start)
+            cache = session.cache
+            assert cache is not None
+            if lease.fresh:
+                cache.plan(len(ids), len(ids) + config.max_new_tokens)
             if new:
-                logits = prefill(model, cache, torch.tensor([new]), self.chunk_size, logits)
+                session.logits = prefill(self.lm.model, cache, torch.tensor([new]), self.chunk_size, session.logits)
                 session.tokens = np.concatenate([session.tokens, np.asarray(new, dtype=np.int64)])
-                session.logits = logits
-            if fresh:
+            if lease.fresh:
                 cache.end_context()  # the first prompt is the context a compressing policy compresses
             session.prompt_len = len(session.tokens)
-            assert logits is not None
-            while True:
-                if job.cancelled.is_set():
-                    finish = "cancelled"
-                    break
-                token = sample(logits, config, generator)
-                if not ids:
-                    self.metrics.first_token(time.perf_counter() - job.submitted)
-                if token in self.stops and not turn.ignore_eos:
-                    finish = "stop"
-                    break
-                ids.append(token)
-                text = delta.text(ids)
-                hit = [text.index(s) for s in turn.stop if s in text]
-                if hit:
-                    text, finish = text[: min(hit)], "stop"
-                    break
-                if piece := delta.push(text):
-                    job.emit("text", piece)
-                if len(ids) >= turn.max_tokens:
-                    break
-                if cache.policy.needs_surprise:  # the generated token's own surprise
-                    cache.observe_surprise((torch.logsumexp(logits, dim=-1) - logits[token]).reshape(1))
-                if cache.policy.needs_token_text:
-                    cache.observe_tokens(cache.get_seq_length(), token_pieces(cache, [token]))
-                logits = forward(model, cache, torch.tensor([[token]]))
-                session.tokens = np.append(session.tokens, token)
-                session.logits = logits
-        if piece := delta.rest(text):
-            job.emit("text", piece)
-        return ids, finish, text
+            assert session.logits is not None
+            self._pick(running, session.logits)
+        except Exception:
+            self.store.release(session, ok=False)
+            raise
+        if running.token is None:
+            self._end(running)
+            return None
+        return running
+
+    def _pick(self, turn: Running, logits: torch.Tensor) -> None:
+        """Sample the next token from ``logits``; set ``turn.token`` to feed it, or leave it None when done."""
+        turn.token = None
+        if turn.job.cancelled.is_set():
+            turn.finish = "cancelled"
+            return
+        token = sample(logits, turn.config, turn.generator)
+        if not turn.ids:
+            self.metrics.first_token(time.perf_counter() - turn.job.submitted)
+        if token in self.stops and not turn.job.turn.ignore_eos:
+            turn.finish = "stop"
+            return
+        turn.ids.append(token)
+        turn.text = turn.delta.text(turn.ids)
+        hit = [turn.text.index(s) for s in turn.job.turn.stop if s in turn.text]
+        if hit:
+            turn.text, turn.finish = turn.text[: min(hit)], "stop"
+            return
+        if piece := turn.delta.push(turn.text):
+            turn.job.emit("text", piece)
+        if len(turn.ids) < turn.config.max_new_tokens:
+            turn.token = token
+
+    def _feed(self, batch: list[Running]) -> None:
+        """One decode step: feed every turn's pending token in one forward, then sample each turn's next one."""
+        for turn in batch:
+            cache, token = turn.session.cache, turn.token
+            assert cache is not None and token is not None and turn.session.logits is not None
+            if cache.policy.needs_surprise:  # the fed token's own surprise, from the logits that chose it
+                logits = turn.session.logits
+                cache.observe_surprise((torch.logsumexp(logits, dim=-1) - logits[token]).reshape(1))
+            if cache.policy.needs_token_text:
+                cache.observe_tokens(cache.get_seq_length(), token_pieces(cache, [token]))
+        caches = [t.session.cache for t in batch if t.session.cache is not None]
+        tokens = [t.token for t in batch if t.token is not None]
+        logits = decode_step(self.lm.model, caches, tokens)
+        self.metrics.decode_step(len(batch))
+        for turn, token, row in zip(batch, tokens, logits, strict=True):
+            turn.session.tokens = np.append(turn.session.tokens, token)
+            turn.session.logits = row
+            self._pick(turn, row)
+            if turn.token is None:
+                self._end(turn)
+
+    def _end(self, turn: Running) -> None:
+        if piece := turn.delta.rest(turn.text):
+            turn.job.emit("text", piece)
+        self.store.release(turn.session)  # durable: on disk before the response ends
+        self.metrics.turn(turn.start["prompt_tokens"], turn.start["cached_tokens"], len(turn.ids))
+        done = {"finish_reason": turn.finish, "completion_tokens": len(turn.ids), "text": turn.text, "ids": turn.ids}
+        turn.job.emit("done", done)

@@ -1,0 +1,63 @@
+"""A request as the model worker sees it: the turn, the job that carries its events, and its text in pieces."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Turn:
+    """One request, model-agnostic: ``messages`` (chat) or ``prompt`` (text or token ids)."""
+
+    owner: str
+    max_tokens: int | None  # None: the server's default, shortened to the positions the model has left
+    temperature: float
+    top_p: float
+    seed: int
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    messages: list[dict[str, str]] | None = None
+    prompt: str | list[int] | None = None
+
+
+@dataclass
+class Job:
+    turn: Turn
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def emit(self, kind: str, data: Any) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, data))
+
+
+class TextDelta:
+    """Text of the generated ids, released in pieces: an incomplete UTF-8 character and anything that could be the
+    start of a stop string are held back until the next token settles them."""
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.emitted = 0
+
+    def text(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def push(self, text: str) -> str:
+        end = len(text) - self.hold
+        if text.endswith("\ufffd"):
+            end = min(end, len(text) - 1)
+        piece = text[self.emitted : max(end, self.emitted)]
+        self.emitted += len(piece)
+        return piece
+
+    def rest(self, text: str) -> str:
+        piece = text[self.emitted :]
+        self.emitted = len(text)
+        return piece
