@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -308,3 +309,28 @@ def test_concurrent_turns_share_decode_steps_and_match_sequential(chat_model_dir
         assert steps(single.url)[0] == steps(single.url)[1]  # one row per step
     assert together == alone
     assert rows == 3 * 23 and step_count < rows  # rows shared steps
+
+
+def test_page_and_status_view(chat_model_dir: Path, tmp_path: Path) -> None:
+    with serving(chat_model_dir, tmp_path, "--api-key", "k1", "--api-key", "k2", "--kv-memory", "1") as s:
+        page = httpx.get(f"{s.url}/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        for used in ('"/v1/chat/completions"', '"/tiermem/status"', '"/v1/models"'):
+            assert used in page.text
+        assert httpx.get(f"{s.url}/tiermem/status").status_code == 401
+        s.client("k1").completions.create(model=s.model, prompt=[1, 2, 3], max_tokens=2, temperature=0)
+        mine = httpx.get(f"{s.url}/tiermem/status", headers={"authorization": "Bearer k1"}).json()
+        theirs = httpx.get(f"{s.url}/tiermem/status", headers={"authorization": "Bearer k2"}).json()
+        assert mine["kv_memory"] == 1 and mine["sessions"] == {"ram": 0, "disk": 1}  # spilled under a 1-byte limit
+        assert [x["tier"] for x in mine["yours"]] == ["disk"] and mine["yours"][0]["tokens"] >= 3
+        assert theirs["yours"] == []
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed (syntax check of the page's script)")
+def test_page_script_parses(tmp_path: Path) -> None:
+    from tiermem.serve.page import PAGE
+
+    script = tmp_path / "page.js"
+    script.write_text(PAGE.split("<script>")[1].split("</script>")[0])
+    checked = subprocess.run(["node", "--check", str(script)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr

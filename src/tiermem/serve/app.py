@@ -17,11 +17,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from tiermem.serve.jobs import collect, submit
 from tiermem.serve.metrics import Metrics
+from tiermem.serve.page import PAGE
 from tiermem.serve.responses import ResponseStore
 from tiermem.serve.responses import register as register_responses
 from tiermem.serve.schemas import ApiError, ChatRequest, CompletionRequest, Sampling
@@ -110,6 +111,24 @@ def create_app(
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": options.model_id, "queue": worker.depth}
 
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE)
+
+    @app.get("/tiermem/status")
+    async def status(request: Request) -> dict[str, Any]:
+        stats = worker.store.stats()
+        return {
+            "model": options.model_id,
+            "policy": repr(worker.policy),
+            "kv_memory": worker.store.kv_memory,
+            "sessions_disk": worker.store.disk_limit,
+            "sessions": stats.sessions,
+            "bytes": stats.bytes,
+            "queue": worker.depth,
+            "yours": worker.store.owned(request.state.owner),
+        }
+
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
         text = metrics.render(worker.store.stats(), worker.depth)
@@ -143,7 +162,16 @@ def create_app(
 
 
 STARTED = int(time.time())
-KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health", "/metrics", "/")
+KNOWN_PATHS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/tiermem/status",
+    "/v1/models",
+    "/health",
+    "/metrics",
+    "/",
+)
 
 
 def _authenticate(request: Request, keys: dict[str, str]) -> str:

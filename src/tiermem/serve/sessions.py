@@ -367,6 +367,24 @@ class SessionStore:
             path.rename(path.with_name(path.name + ".corrupt"))
 
     # -- accounting ----------------------------------------------------------------------------------------------
+    def owned(self, owner: str) -> list[dict[str, Any]]:
+        """The sessions of ``owner``, most recent first, for the status view."""
+        with self._lock:
+            sessions = [s for s in self.sessions.values() if s.owner == owner]
+        rows = [
+            {
+                "id": s.id,
+                "tokens": len(s.tokens),
+                "tier": "ram" if s.in_ram else "disk",
+                "ram_bytes": s.ram_bytes(),
+                "file_bytes": s.file_bytes,
+                "last_used": s.last_used,
+                "busy": s.busy,
+            }
+            for s in sessions
+        ]
+        return sorted(rows, key=lambda r: -r["last_used"])
+
     def stats(self) -> StoreStats:
         with self._lock:
             sessions = list(self.sessions.values())
