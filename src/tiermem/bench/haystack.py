@@ -7,7 +7,7 @@ test data inside the ``gensim`` wheel; tiermem reads the file without importing 
 The RULER-style suite (:mod:`tiermem.bench.ruler`) draws from a larger pool: the Lee articles plus the 97 Wikipedia
 articles of the dump in the same folder (:mod:`tiermem.bench.wikitext`), ~430k words in all. Its haystacks walk the
 pool's documents in an order drawn from the sample's seed, each document once per pass, so a context repeats no text
-until it is longer than the whole pool (~560k tokens for SmolLM2's tokenizer); past that a new pass starts in a new
+until it is longer than the whole pool (576k tokens for SmolLM2's tokenizer); past that a new pass starts in a new
 order.
 """
 

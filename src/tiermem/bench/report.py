@@ -74,27 +74,31 @@ def _length_label(tokens: int) -> str:
     return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
 
 
+def _task_order(records: list[dict[str, Any]]) -> list[str]:
+    """The tasks of ``records`` in suite order (classic tasks, then RULER's), unknown names last."""
+    from tiermem.bench.ruler import ALL_TASKS
+
+    names = {r["task"] for r in records}
+    return sorted(names, key=lambda t: (ALL_TASKS.index(t) if t in ALL_TASKS else len(ALL_TASKS), t))
+
+
 def task_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (model, mode, policy, length): each task's accuracy and their mean (tasks weigh the same)."""
-    rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+    accuracy: dict[tuple[Any, ...], dict[str, float]] = defaultdict(dict)
     for r in records:
-        key = (r["model"], r["question_aware"], r["policy"], r["length"])
-        row = rows.setdefault(
-            key,
-            {"model": r["model"], "question_aware": r["question_aware"], "policy": r["policy"], "length": r["length"]},
-        )
-        row[r["task"]] = r["accuracy"]
-    tasks = list(dict.fromkeys(r["task"] for r in records))
-    for row in rows.values():
-        row["mean"] = _mean(row[t] for t in tasks if t in row)
-    return sorted(
-        rows.values(), key=lambda r: (r["model"], r["question_aware"], _policy_order(r["policy"]), r["length"])
-    )
+        accuracy[(r["model"], r["question_aware"], r["policy"], r["length"])][r["task"]] = r["accuracy"]
+    tasks = _task_order(records)
+    rows = []
+    for (model, aware, policy, length), by_task in accuracy.items():
+        row: dict[str, Any] = {"model": model, "question_aware": aware, "policy": policy, "length": length}
+        row |= {t: by_task[t] for t in tasks if t in by_task}  # columns in suite order
+        rows.append(row | {"mean": _mean(by_task.values())})
+    return sorted(rows, key=lambda r: (r["model"], r["question_aware"], _policy_order(r["policy"]), r["length"]))
 
 
 def _task_markdown(records: list[dict[str, Any]]) -> list[str]:
     """Accuracy by task (columns) for every policy and length (rows), with the mean over tasks."""
-    tasks = list(dict.fromkeys(r["task"] for r in records))
+    tasks = _task_order(records)
     out: list[str] = []
     by_model: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for row in task_table(records):
