@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import shutil
@@ -334,3 +335,13 @@ def test_page_script_parses(tmp_path: Path) -> None:
     script.write_text(PAGE.split("<script>")[1].split("</script>")[0])
     checked = subprocess.run(["node", "--check", str(script)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
+
+
+def test_loadtest_reports_reuse(served: Served) -> None:
+    from tiermem.serve.loadtest import run
+
+    args = argparse.Namespace(url=served.url, api_key="x", chats=2, turns=3, words=8, max_tokens=4, seed=0)
+    summary = asyncio.run(run(args))
+    assert summary["cached_fraction"] > 0.3
+    later = summary["by_turn"][2]
+    assert later["new_tokens"] < later["prompt_tokens"] / 2  # the history was not prefilled again
