@@ -345,3 +345,22 @@ def test_loadtest_reports_reuse(served: Served) -> None:
     assert summary["cached_fraction"] > 0.3
     later = summary["by_turn"][2]
     assert later["new_tokens"] < later["prompt_tokens"] / 2  # the history was not prefilled again
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--port", "70000"], "--port"),
+        (["--policy", "snapkv"], "needs --kv-budget"),
+        (["--policy", "nope"], "unknown policy"),
+        (["--max-batch", "0"], "--max-batch"),
+    ],
+)
+def test_serve_cli_errors_are_one_line(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], message: str
+) -> None:
+    from tiermem.cli import main
+
+    assert main(["serve", "--model", str(tiny_model_dir), "--sessions-dir", str(tmp_path), *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tiermem: error:") and message in err and "Traceback" not in err
