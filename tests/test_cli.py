@@ -82,7 +82,8 @@ def test_generate_streams_text(capsys, tiny_model_dir: Path) -> None:
         (["--policy", "streaming", "--compression-ratio", "1.5"], "compression ratio"),
         (["--kv-budget", "lots"], "not a token count"),
         (["--policy", "infllm", "--kv-memory", "1KB"], "below what policy 'infllm' holds in RAM"),
-        (["--kv-memory", "1KB"], "below what policy 'full' holds in RAM"),
+        (["--policy", "full", "--kv-memory", "1KB"], "below what policy 'full' holds in RAM"),
+        (["--kv-memory", "1KB"], "below what policy 'infllm' holds in RAM"),  # auto: full cannot fit, block memory
         (["--policy", "infllm", "--kv-memory", "1GB", "--kv-store", "ram"], "needs the disk store"),
         (["--kv-memory", "lots"], "not a size"),
         (["--policy", "infllm", "--kv-dir", "/no/such/dir"], "does not exist"),
@@ -117,8 +118,11 @@ def test_prompt_longer_than_the_model(capsys, tiny_model_dir: Path, tmp_path: Pa
     long = tmp_path / "long.txt"
     long.write_text("The quick brown fox jumps over the lazy dog. " * 400)
     args = ["generate", "--model", str(tiny_model_dir), "--context-file", str(long)]
-    code, _, err = run_cli(capsys, *args)
+    code, _, err = run_cli(capsys, *args, "--policy", "full")
     assert_one_line_error(code, err, "exceed the model's 1024 positions", "'full'")
+    # The default, auto, reads it with block memory and says so.
+    code, _, err = run_cli(capsys, *args, "--max-new-tokens", "2")
+    assert code == 0 and "past the model's 1024 positions: infllm-heads" in err
     # StreamingLLM re-rotates keys into its cache slots, so the same prompt fits.
     code, _, _ = run_cli(capsys, *args, "--policy", "streaming", "--kv-budget", "64", "--max-new-tokens", "2")
     assert code == 0

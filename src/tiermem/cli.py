@@ -198,7 +198,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps(record))
     else:
         print()
-        print("\n".join(summary_lines(policy.name, args.weights, stats)), file=sys.stderr)
+        ran = result.policy.name if result.policy is not None else policy.name
+        print("\n".join(summary_lines(ran, args.weights, stats)), file=sys.stderr)
     return 0
 
 

@@ -56,6 +56,7 @@ class Result:
     token_ids: list[int]
     finish_reason: str  # "eos", "stop" (a stop string) or "length"
     stats: Stats = field(repr=False)
+    policy: Policy | None = field(default=None, repr=False)  # the policy that ran (``auto`` resolved)
 
 
 def forward(model: PreTrainedModel, cache: TierCache, ids: torch.Tensor, every_position: bool = False) -> torch.Tensor:
@@ -268,4 +269,4 @@ def _run(
     stats.decode_seconds = decode_clock.seconds
     stats.extra.update({"kv_disk_bytes": cache.store.disk_bytes, "kv_disk_reads": cache.store.reads})
     stats.extra.update(lm.weight_stats())
-    return Result(text=text, token_ids=ids, finish_reason=finish, stats=stats)
+    return Result(text=text, token_ids=ids, finish_reason=finish, stats=stats, policy=cache.policy)
