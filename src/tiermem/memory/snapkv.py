@@ -57,7 +57,8 @@ class SnapKV(BudgetedPolicy):
       the question in the window, most window queries are template and question words that spread attention over
       the context; the few that look a fact up (the key named by the question) are drowned by the mean.
     - ``shared_heads=True``: one selection per layer, from the scores averaged over its KV heads, so a fact is kept
-      by every head or by none (per-head choices kept some digits of a number in one head and not in another).
+      by every head or by none (SentenceKV chooses per layer too). With sentence units and max votes it measured the
+      same as per-head choices on needles (BENCHMARKS.md); it makes compression one gather for all heads.
     - ``budget_includes_new=True``: the budget also covers the tokens that come after compression (the question
       when it is read after, and the new tokens, as planned), so the KV held while decoding stays within the
       budget; by default (kvpress's convention) the budget is the compressed prompt alone.
