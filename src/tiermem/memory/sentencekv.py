@@ -104,8 +104,7 @@ class SentenceKVLayer(DenseLayer):
         keys, values, _ = self.buffer.view()  # slot i holds position i: nothing was evicted before this
         n, policy = keys.shape[2], self.policy
         keep_front, keep_back = min(policy.start_budget, n), min(max(policy.recent_budget, policy.window_size), n)
-        middle = torch.arange(keep_front, n - keep_back)
-        if middle.numel() == 0:
+        if n <= keep_front + keep_back:  # the first and last tokens are the whole context: nothing to offload
             return
         kept = self._semantic_selection(keys, n)
         kept = kept[(kept >= keep_front) & (kept < n - keep_back)]
