@@ -1,12 +1,13 @@
 """Question-aware SnapKV variants against full attention on real-prose needles (SmolLM2-135M), 8x and 4x compression.
 
-Every prompt is prefilled once, uncompressed (all SnapKV variants prefill with full attention and compress when the
-prompt is in); each policy then gets a copy of that cache, compresses it with its own ``end_context`` and decodes
-greedily. ``--check N`` re-runs the first N prompts of each policy through :func:`tiermem.engine.generate` and
-fails if its answer or KV bytes differ. ``--engine`` runs everything through ``generate`` (one prefill per policy).
+Each prompt is prefilled once, uncompressed (SnapKV prefills with full attention); each policy compresses a copy
+with its own ``end_context`` and decodes greedily. ``--check N``: the first N prompts also through engine.generate,
+which must give the same answer and KV bytes. ``--engine``: everything through generate (one prefill per policy).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/qaware_compression.py --seed 1 --samples 2 \\
-        --out bench-out/qaware_compression.jsonl
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/qaware_compression.py --seed 1 --also snapkv,snapkv-chunk \\
+        --policies snapkv,snapkv-chunk,snapkv-sentence,snapkv-sentence:vote=mean,snapkv-chunk:vote=max,\\
+snapkv-sentence:shared_heads=false --out bench-out/qaware_compression.jsonl
+    .venv/bin/python benchmarks/qaware_compression.py --table bench-out/qaware_compression.jsonl
 """
 
 from __future__ import annotations
@@ -142,7 +143,6 @@ def main() -> None:
     if args.table:
         print(table(args.table))
         return
-
     lm = load(args.model)
     runs = [(spec, float(r), not args.no_fold) for spec in args.policies.split(",") for r in args.ratios.split(",")]
     runs += [(spec, float(r), False) for spec in filter(None, args.also.split(",")) for r in args.ratios.split(",")]
