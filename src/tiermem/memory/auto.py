@@ -50,6 +50,10 @@ class Auto(Policy):
     compression_ratio: float | None = None
 
     def __post_init__(self) -> None:
+        if self.compression_ratio is not None and not 0.0 <= self.compression_ratio < 1.0:
+            raise TiermemError(f"compression ratio must be in [0, 1), got {self.compression_ratio}")
+        if self.kv_budget is not None and self.kv_budget < 1:
+            raise TiermemError(f"KV budget must be at least 1 token, got {self.kv_budget}")
         if self.kv_budget is not None and self.compression_ratio is not None:
             raise TiermemError("policy 'auto' takes a KV budget or a compression ratio, not both")
 
@@ -64,7 +68,10 @@ class Auto(Policy):
 
         if self.kv_budget is not None or self.compression_ratio is not None:
             name = COMPRESSION_QUESTION_AWARE if config.question_aware else COMPRESSION_AGNOSTIC
+            # The budget counts the tokens read after compression too, so the KV held while decoding is what the
+            # user asked for (a ratio of 0.875 holds at most 1/8 of full's), not that plus the question and answer.
             budget = {"kv_budget": self.kv_budget, "compression_ratio": self.compression_ratio}
+            budget["budget_includes_new"] = True
             asked = f"{self.kv_budget} tokens" if self.kv_budget is not None else f"ratio {self.compression_ratio}"
             setting = "question-aware" if config.question_aware else "question-agnostic"
             return Choice(registry.build(name, **budget), f"a compressed cache ({asked}, {setting}): {name}")
