@@ -17,7 +17,12 @@ from tiermem.prompts import build_prompt
 DEMO_LENGTH = 4096
 DEMO_DEPTHS = (0.25, 0.5, 0.75)
 # (policy, budget, question-aware): SnapKV as kvpress runs it, then in its paper's own setting, then tiermem's variant.
-DEMO_POLICIES = (("full", None, False), ("snapkv", 512, False), ("snapkv", 512, True), ("snapkv-chunk", 512, True))
+DEMO_POLICIES = (
+    ("full", None, False),
+    ("snapkv", 512, False),
+    ("snapkv", 512, True),
+    ("snapkv-sentence", 512, True),
+)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -65,8 +70,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print(
         "KV MiB: keys and values held while decoding; tok/s: decode speed. Question-agnostic SnapKV compresses "
         "the context before it sees the question (as kvpress does), so it keeps what the end of the context attends "
-        "to; with +question the question steers the selection (SnapKV's own setting). snapkv-chunk keeps whole "
-        "32-token chunks so a 7-token number survives whole (a tiermem variant). More: tiermem bench --help, "
-        "BENCHMARKS.md"
+        "to; with +question the question steers the selection (SnapKV's own setting). snapkv-sentence scores each "
+        "token by the most attention any window query gives it and keeps whole sentences, so a 7-token number "
+        "survives whole (a tiermem variant). More: tiermem bench --help, BENCHMARKS.md"
     )
     return 0
