@@ -36,7 +36,7 @@ from tiermem.layer_info import LayerInfo
 from tiermem.memory.base import Policy
 from tiermem.memory.head_retrieval import SharedRetrieval
 from tiermem.memory.joint_attention import joint_attention
-from tiermem.memory.layer import TierLayer, attention
+from tiermem.memory.layer import TierLayer
 from tiermem.memory.retrieval_heads import retrieval_heads
 from tiermem.rope import apply_rope, unapply_rope
 
@@ -328,18 +328,9 @@ class ContextMemoryLayer(TierLayer):
         prompt's own tail) are in the window; later ones are appended for this call only."""
         if self.shared is not None:
             self.shared.record(self.info.layer_idx, q)
-        t, start = q.shape[2], self.probe_position()
-        cos, sin = self.info.rope.cos_sin_range(start, t)
-        q_pos = torch.arange(start, start + t)
         keys, values, positions = self.local.view()
         alive = positions[0] >= self.graduated
-        keys, values, k_pos = keys[:, :, alive], values[:, :, alive], positions[0, alive]
-        new = q_pos >= self.seen
-        if bool(new.any()):
-            keys = torch.cat([keys, apply_rope(k, cos, sin)[:, :, new]], dim=2)
-            values = torch.cat([values, v[:, :, new]], dim=2)
-            k_pos = torch.cat([k_pos, q_pos[new]])
-        return attention(apply_rope(q, cos, sin), keys, values, q_pos, k_pos, self.info)
+        return self.probe_attention(q, k, v, keys[:, :, alive], values[:, :, alive], positions[0, alive])
 
     def all_block_keys(self) -> torch.Tensor:
         """Keys (Hkv, S, D) before RoPE of every block in memory, in block order (read from the store)."""

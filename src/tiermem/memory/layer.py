@@ -88,9 +88,27 @@ class TierLayer(CacheLayerMixin):
         it is read: "heads" retrieval). Shapes as :meth:`attend`."""
         raise NotImplementedError(f"{type(self).__name__} cannot probe")
 
-    def probe_position(self) -> int:
+    def probe_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        k_pos: torch.Tensor,
+    ) -> torch.Tensor:
+        """The probe's queries (1, Hq, T, D) at positions ``probe_start``... over stored rotated ``keys``/``values``
+        (1, Hkv, S, D) at positions ``k_pos`` (S,), plus the probe's own keys at positions not seen yet."""
         assert self.probe_start is not None
-        return self.probe_start
+        t, start = q.shape[2], self.probe_start
+        cos, sin = self.info.rope.cos_sin_range(start, t)
+        q_pos = torch.arange(start, start + t)
+        new = q_pos >= self.seen
+        if bool(new.any()):
+            keys = torch.cat([keys, apply_rope(k, cos, sin)[:, :, new]], dim=2)
+            values = torch.cat([values, v[:, :, new]], dim=2)
+            k_pos = torch.cat([k_pos, q_pos[new]])
+        return attention(apply_rope(q, cos, sin), keys, values, q_pos, k_pos, self.info)
 
     def bind(self, store: BlockStore) -> None:
         """Receive the cache's block store: report bytes to its meter (block-memory layers also store blocks)."""
@@ -187,17 +205,8 @@ class DenseLayer(TierLayer):
 
     def probe(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attend over the buffer plus, for this call only, the probe's tokens not stored yet."""
-        t, start = q.shape[2], self.probe_position()
-        cos, sin = self.info.rope.cos_sin_range(start, t)
-        q_pos = torch.arange(start, start + t)
         keys, values, positions = self.buffer.view()
-        k_pos = positions[0]
-        new = q_pos >= self.seen
-        if bool(new.any()):
-            keys = torch.cat([keys, apply_rope(k, cos, sin)[:, :, new]], dim=2)
-            values = torch.cat([values, v[:, :, new]], dim=2)
-            k_pos = torch.cat([k_pos, q_pos[new]])
-        return attention(apply_rope(q, cos, sin), keys, values, q_pos, k_pos, self.info)
+        return self.probe_attention(q, k, v, keys, values, positions[0])
 
     def bind(self, store: BlockStore) -> None:
         super().bind(store)
