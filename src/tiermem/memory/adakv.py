@@ -12,7 +12,7 @@ from tiermem.kvstore.ragged import RaggedKV
 from tiermem.layer_info import LayerInfo
 from tiermem.memory.expected_attention import ExpectedAttention
 from tiermem.memory.layer import TierLayer
-from tiermem.memory.scorer import PROTECTED, ScorerLayer, ScorerPolicy, observation_window_scores
+from tiermem.memory.scorer import PROTECTED, ScorerLayer, ScorerPolicy, WindowScorerPolicy
 from tiermem.rope import apply_rope
 
 
@@ -93,32 +93,13 @@ class AdaKVLayer(ScorerLayer):
 
 
 @dataclass
-class AdaKV(HeadAdaptive):
+class AdaKV(HeadAdaptive, WindowScorerPolicy):
     """AdaKV over SnapKV's scores as kvpress computes them: kvpress's ``adakv_snapkv`` = ``AdaKVPress(SnapKVPress())``
     (window 64, kernel 5, average pooling). The observation window is kept in every head. See
     :class:`HeadAdaptive` for the selection and where it departs from kvpress (per-head blocks: memory is saved)."""
 
     name = "adakv"
     paper = "AdaKV, arXiv 2407.11550 (over SnapKV)"
-    window_size: int = 64
-    kernel_size: int = 5
-
-    def __post_init__(self) -> None:
-        if self.window_size < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise TiermemError("adakv needs window_size >= 1 and an odd kernel_size >= 1")
-        super().__post_init__()
-
-    def query_window(self) -> int:
-        return self.window_size
-
-    def protect_last(self) -> int:
-        return self.window_size
-
-    def fixed_parts(self) -> str:
-        return "observation window"
-
-    def score(self, layer: ScorerLayer) -> torch.Tensor:
-        return observation_window_scores(layer, self.window_size, self.kernel_size)
 
 
 @dataclass

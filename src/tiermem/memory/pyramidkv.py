@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from tiermem.errors import TiermemError
-from tiermem.memory.scorer import ScorerLayer, ScorerPolicy, observation_window_scores
+from tiermem.memory.scorer import WindowScorerPolicy
 
 
 def pyramid_budgets(budget: int, context: int, num_layers: int, window: int, beta: int) -> list[int]:
@@ -35,7 +33,7 @@ def pyramid_budgets(budget: int, context: int, num_layers: int, window: int, bet
 
 
 @dataclass
-class PyramidKV(ScorerPolicy):
+class PyramidKV(WindowScorerPolicy):
     """PyramidKV (Cai et al., arXiv 2406.02069), as kvpress's PyramidKVPress: SnapKV's scores (observation window of
     ``window_size`` queries, average pooling of ``kernel_size``), but lower layers keep more tokens than higher
     ones: per-layer budgets fall linearly with steepness ``beta`` and average the uniform budget, so the model holds
@@ -48,23 +46,12 @@ class PyramidKV(ScorerPolicy):
 
     name = "pyramidkv"
     paper = "PyramidKV, arXiv 2406.02069"
-    window_size: int = 64
-    kernel_size: int = 5
     beta: int = 20
 
     def __post_init__(self) -> None:
-        if self.window_size < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0 or self.beta < 1:
-            raise TiermemError("pyramidkv needs window_size >= 1, an odd kernel_size >= 1 and beta >= 1")
+        if self.beta < 1:
+            raise TiermemError("pyramidkv needs beta >= 1")
         super().__post_init__()
-
-    def query_window(self) -> int:
-        return self.window_size
-
-    def protect_last(self) -> int:
-        return self.window_size
-
-    def fixed_parts(self) -> str:
-        return "observation window"
 
     def layer_budget(self, context_tokens: int, rank: int, num_scored: int) -> int:
         budget = self.budget_for(context_tokens)
@@ -72,6 +59,3 @@ class PyramidKV(ScorerPolicy):
 
     def largest_layer_budget(self, context_tokens: int) -> int:
         return self.layer_budget(context_tokens, 0, 2)
-
-    def score(self, layer: ScorerLayer) -> torch.Tensor:
-        return observation_window_scores(layer, self.window_size, self.kernel_size)

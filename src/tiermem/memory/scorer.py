@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from tiermem.errors import TiermemError
 from tiermem.layer_info import LayerInfo, describe_layers
 from tiermem.memory.base import BudgetedPolicy
 from tiermem.memory.layer import DenseLayer, TierLayer, attention
@@ -225,3 +226,29 @@ def observation_window_scores(layer: ScorerLayer, window_size: int, kernel_size:
     votes = window_attention(layer.window_queries, keys, layer.info.scaling)[..., : s - window_size].mean(dim=2)
     votes = F.avg_pool1d(votes, kernel_size=kernel_size, padding=kernel_size // 2, stride=1)
     return F.pad(group_mean(votes, layer.info.num_kv_heads), (0, window_size))
+
+
+@dataclass
+class WindowScorerPolicy(ScorerPolicy):
+    """SnapKV's scores (:func:`observation_window_scores`) with kvpress's defaults, window 64 and kernel 5: the base
+    of the policies that reuse them (PyramidKV, AdaKV). The observation window itself is always kept."""
+
+    window_size: int = 64
+    kernel_size: int = 5
+
+    def __post_init__(self) -> None:
+        if self.window_size < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise TiermemError(f"{self.name} needs window_size >= 1 and an odd kernel_size >= 1")
+        super().__post_init__()
+
+    def query_window(self) -> int:
+        return self.window_size
+
+    def protect_last(self) -> int:
+        return self.window_size
+
+    def fixed_parts(self) -> str:
+        return "observation window"
+
+    def score(self, layer: ScorerLayer) -> torch.Tensor:
+        return observation_window_scores(layer, self.window_size, self.kernel_size)
