@@ -11,7 +11,7 @@ from tiermem.kvstore.blocks import BlockStore, StoreConfig
 from tiermem.layer_info import LayerInfo
 from tiermem.memory.base import Policy
 from tiermem.memory.layer import DenseLayer, TierLayer, attention
-from tiermem.memory.sentences import sentence_ends, sentence_spans
+from tiermem.memory.sentences import record_sentence_ends, sentence_spans, share_sentence_ends
 from tiermem.memory.snapkv import snapkv_scores
 
 
@@ -61,17 +61,11 @@ class SentenceKV(Policy):
 
     def setup(self, layers: list[TierLayer], store: BlockStore) -> None:
         super().setup(layers, store)
-        ends: list[int] = []  # sentence-ending positions, shared by the layers
-        for layer in layers:
-            if isinstance(layer, SentenceKVLayer):
-                layer.sentence_end_positions = ends
+        share_sentence_ends(layers, SentenceKVLayer)
 
     def observe_tokens(self, layers: list[TierLayer], start: int, pieces: list[str]) -> None:
         """Record which of the tokens at positions ``start, start+1, ...`` end a sentence."""
-        for layer in layers:
-            if isinstance(layer, SentenceKVLayer):
-                layer.sentence_end_positions.extend(start + i for i in sentence_ends(pieces))
-                return  # the list is shared
+        record_sentence_ends(layers, SentenceKVLayer, start, pieces)
 
 
 class SentenceKVLayer(DenseLayer):

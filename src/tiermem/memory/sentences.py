@@ -8,6 +8,8 @@ with sentence punctuation, or when it contains a blank line.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 SENTENCE_PUNCTUATION = (".", "!", "?", "。", "！", "？", "…")
 _CLOSERS = "\"')]}»”’ \t"
 
@@ -35,3 +37,20 @@ def sentence_spans(ends: list[int], start: int, stop: int) -> list[tuple[int, in
     if first < stop:
         spans.append((first, stop))
     return spans
+
+
+def share_sentence_ends(layers: Sequence[object], kind: type) -> None:
+    """Give every layer of type ``kind`` one shared list of sentence-ending positions (``sentence_end_positions``)."""
+    ends: list[int] = []
+    for layer in layers:
+        if isinstance(layer, kind):
+            layer.sentence_end_positions = ends  # type: ignore[attr-defined]
+
+
+def record_sentence_ends(layers: Sequence[object], kind: type, start: int, pieces: list[str]) -> None:
+    """Add the tokens at positions ``start, start+1, ...`` that end a sentence to the list the ``kind`` layers
+    share (see :func:`share_sentence_ends`)."""
+    for layer in layers:
+        if isinstance(layer, kind):
+            layer.sentence_end_positions.extend(start + i for i in sentence_ends(pieces))  # type: ignore[attr-defined]
+            return  # the list is shared

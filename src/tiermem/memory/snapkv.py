@@ -12,7 +12,7 @@ from tiermem.errors import TiermemError
 from tiermem.layer_info import LayerInfo
 from tiermem.memory.base import BudgetedPolicy
 from tiermem.memory.layer import DenseLayer, TierLayer
-from tiermem.memory.sentences import sentence_ends, sentence_spans
+from tiermem.memory.sentences import record_sentence_ends, sentence_spans, share_sentence_ends
 
 if TYPE_CHECKING:
     from tiermem.kvstore.blocks import BlockStore
@@ -102,17 +102,11 @@ class SnapKV(BudgetedPolicy):
 
     def setup(self, layers: list[TierLayer], store: BlockStore) -> None:
         super().setup(layers, store)
-        ends: list[int] = []  # sentence-ending positions, one list shared by the layers
-        for layer in layers:
-            if isinstance(layer, SnapKVLayer):
-                layer.sentence_end_positions = ends
+        share_sentence_ends(layers, SnapKVLayer)
 
     def observe_tokens(self, layers: list[TierLayer], start: int, pieces: list[str]) -> None:
         """Record which of the tokens at positions ``start, start+1, ...`` end a sentence."""
-        for layer in layers:
-            if isinstance(layer, SnapKVLayer):
-                layer.sentence_end_positions.extend(start + i for i in sentence_ends(pieces))
-                return  # the list is shared
+        record_sentence_ends(layers, SnapKVLayer, start, pieces)
 
     def check(self, context_tokens: int, total_tokens: int, max_positions: int) -> None:
         super().check(context_tokens, total_tokens, max_positions)
