@@ -60,6 +60,13 @@ def add_bench_parser(sub: Any) -> None:
     add_generation_args(bench, max_new_tokens=None)
     bench.add_argument("--out", default="bench-out", help="output folder (results.jsonl is appended, resumable)")
     bench.add_argument("--report-only", action="store_true", help="rewrite tables and plots from results.jsonl")
+    bench.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="one Ray task per sample on the cluster at ADDRESS (host:port, auto); alone: a local Ray, 2 CPUs",
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -92,7 +99,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             generation=generation_config(args, **placeholder),
             task_new_tokens=per_task,
         )
-        rows = run_bench(config, out)
+        if args.ray is not None:
+            from tiermem.bench.ray_runner import run_bench_ray
+
+            rows = run_bench_ray(config, out, address=args.ray or None)
+        else:
+            rows = run_bench(config, out)
     for path in write_report(rows, out):
         print(path)
     return 0

@@ -201,11 +201,7 @@ def run_bench(config: BenchConfig, out_dir: Path) -> list[dict[str, Any]]:
     earlier, wider sweeps stay in the file but are not reported.
     """
     runs = validate(config)
-    results = out_dir / RESULTS_FILE
-    if results.exists() and not results.read_bytes().endswith(b"\n"):
-        with results.open("a", encoding="utf-8") as handle:
-            handle.write("\n")  # end the line an interrupted run cut short, so the next row starts clean
-    done = {row_key(r) for r in load_rows(out_dir)}
+    done = open_results(out_dir)
     wanted: set[str] = set()
     cells = list(_cells(config))
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -228,11 +224,31 @@ def run_bench(config: BenchConfig, out_dir: Path) -> list[dict[str, Any]]:
                                 lm, sample.context, sample.question, config.prompt_style, sample.answer_prefix
                             )
                         row = run_one(lm, sample, prompt, run, config)
-                        out_dir.mkdir(parents=True, exist_ok=True)
-                        with results.open("a", encoding="utf-8") as handle:
-                            handle.write(json.dumps(row) + "\n")
+                        append_row(out_dir, row)
                         done.add(row_key(row))
                     progress.advance(bar)
+    return finish(config, out_dir, wanted)
+
+
+def open_results(out_dir: Path) -> set[str]:
+    """The keys of the rows already measured in ``out_dir`` (the resume rule: a row with the same key is not
+    measured again); a last line an interrupted run cut short is ended first, so the next row starts clean."""
+    results = out_dir / RESULTS_FILE
+    if results.exists() and not results.read_bytes().endswith(b"\n"):
+        with results.open("a", encoding="utf-8") as handle:
+            handle.write("\n")
+    return {row_key(r) for r in load_rows(out_dir)}
+
+
+def append_row(out_dir: Path, row: dict[str, Any]) -> None:
+    """Append one measured row to ``out_dir/results.jsonl`` (one line, so a crash loses at most that row)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / RESULTS_FILE).open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def finish(config: BenchConfig, out_dir: Path, wanted: set[str]) -> list[dict[str, Any]]:
+    """Write the sweep's configuration; return the rows of this sweep (by key) in file order."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     return [row for row in load_rows(out_dir) if row_key(row) in wanted]
