@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
 
+    from tiermem.tune.cli import add_tune_parser
+
+    add_tune_parser(sub)
+
     demo = sub.add_parser("demo", help="full vs SnapKV on one long prompt, side by side")
     _add_model_args(demo)
 
@@ -267,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
             from tiermem.bench.cli import cmd_bench
 
             return cmd_bench(args)
+        if args.command == "tune":
+            from tiermem.tune.cli import cmd_tune
+
+            return cmd_tune(args)
         if args.command == "serve":
             from tiermem.serve.cli import cmd_serve
 
