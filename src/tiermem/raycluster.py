@@ -47,7 +47,14 @@ def connect(address: str | None, num_cpus: int = LOCAL_CPUS) -> Cluster:
         ray.init(**kwargs)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise TiermemError(f"cannot join the Ray cluster at {address}: {exc}") from None
-    return Cluster(ray.get_runtime_context().gcs_address, True, ray.cluster_resources().get("CPU", 0.0))
+    joined = Cluster(ray.get_runtime_context().gcs_address, True, ray.cluster_resources().get("CPU", 0.0))
+    if address is None and not joined.address.startswith("127.0.0.1:"):
+        ray.shutdown()
+        raise TiermemError(
+            f"the local Ray bound {joined.address}, not the loopback: Ray was imported before "
+            f"tiermem.raycluster.connect (set {LOOPBACK_SWITCH}=0 before importing it)"
+        )
+    return joined
 
 
 def disconnect(cluster: Cluster) -> None:

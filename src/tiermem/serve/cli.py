@@ -38,10 +38,14 @@ def add_serve_parser(sub: Any) -> None:
     serve.add_argument("--max-batch", type=int, default=8, help="turns decoded together in one forward")
     serve.add_argument("--max-tokens", type=parse_tokens, default=256, help="default max_tokens of a request")
     serve.add_argument("--chunk-size", type=parse_tokens, default=512, help="prefill chunk size in tokens")
+    from tiermem.serve.ray_serve import add_ray_args
+
+    add_ray_args(serve)
 
 
-def build(args: argparse.Namespace) -> Any:
-    """The FastAPI app for ``args`` (the model is loaded here)."""
+def build(args: argparse.Namespace, session_store: Any = None, response_store: Any = None) -> Any:
+    """The FastAPI app for ``args`` (the model is loaded here); ``session_store`` and ``response_store`` replace
+    the store classes (``--ray`` replicas share a folder: :mod:`tiermem.serve.shared_sessions`)."""
     from tiermem.cache import TierCache
     from tiermem.cli import make_policy
     from tiermem.errors import TiermemError
@@ -68,17 +72,21 @@ def build(args: argparse.Namespace) -> Any:
         return TierCache(lm.model, policy, tokenizer=lm.tokenizer)
 
     make_cache().close()  # a policy that cannot build a cache (e.g. one that picks a policy per prompt) fails here
-    store = SessionStore(folder, key, make_cache, args.kv_memory, args.sessions_disk, args.durable)
+    store = (session_store or SessionStore)(folder, key, make_cache, args.kv_memory, args.sessions_disk, args.durable)
     metrics = Metrics()
     worker = ModelWorker(lm, policy, store, metrics, args.max_queue, args.chunk_size, args.max_tokens, args.max_batch)
     name = args.served_model_name or args.model
     options = ServeOptions(model_id=name, api_keys=tuple(args.api_key))
-    return create_app(worker, metrics, options, ResponseStore(folder, args.durable))
+    return create_app(worker, metrics, options, (response_store or ResponseStore)(folder, args.durable))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    if args.ray is not None:
+        from tiermem.serve.ray_serve import cmd_serve_ray
+
+        return cmd_serve_ray(args)
     logging.basicConfig(level=logging.INFO, format="tiermem serve: %(levelname)s %(message)s")
     api_keys = list(args.api_key)
     if not api_keys and os.environ.get("TIERMEM_API_KEY"):
