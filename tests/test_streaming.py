@@ -127,3 +127,22 @@ def test_kvpress_style_eviction_after_the_whole_prefill(llama: torch.nn.Module) 
         torch.equal(visible_positions(layer), torch.cat([torch.arange(4), torch.arange(32, 40)]))
         for layer in cache.tier_layers
     )
+
+
+def test_memory_bound_follows_the_chunk_size(llama: torch.nn.Module) -> None:
+    """A prefill chunk larger than 512 tokens is held whole before eviction: the reservation and the
+    ``--kv-memory`` bound must use the chunk size in force (they assumed 512)."""
+    policy, n, chunk = StreamingLLM(kv_budget=12, n_sink=4), 1400, 700
+    ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(5))
+    cache = TierCache(llama, policy)
+    cache.plan(n, n, chunk)
+    with torch.no_grad(), patched_attention(llama):
+        for start in range(0, n, chunk):
+            part = ids[:, start : start + chunk]
+            llama(input_ids=part, cache=cache, position_ids=torch.arange(start, start + part.shape[1])[None])
+    info = cache.tier_layers[0].info
+    for layer in cache.tier_layers:
+        assert isinstance(layer, StreamingLayer)
+        assert layer.buffer.reallocations == 1  # the reservation only: the whole chunk was reserved up front
+        held = layer.buffer.capacity  # slots allocated: the most tokens the layer could hold at once
+        assert policy.peak_tokens(info, n, n, 512) < held <= policy.peak_tokens(info, n, n, chunk)

@@ -11,7 +11,7 @@ from tiermem.kvstore.blocks import BlockStore, StoreConfig
 from tiermem.kvstore.meter import MemoryMeter
 from tiermem.layer_info import LayerInfo, describe_layers
 from tiermem.memory.base import Policy
-from tiermem.memory.layer import TierLayer
+from tiermem.memory.layer import DEFAULT_CHUNK_TOKENS, TierLayer
 
 
 def format_bytes(n: float) -> str:
@@ -22,9 +22,10 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def hot_bytes(policy: Policy, infos: list[LayerInfo], context_tokens: int, total_tokens: int) -> int:
-    """Most KV bytes the policy holds in RAM outside the block store for this run, over all layers."""
-    return sum(policy.peak_bytes(i, context_tokens, total_tokens) for i in infos)
+def hot_bytes(policy: Policy, infos: list[LayerInfo], context_tokens: int, total_tokens: int, chunk_tokens: int) -> int:
+    """Most KV bytes the policy holds in RAM outside the block store for this run, over all layers, prefill
+    arriving ``chunk_tokens`` at a time."""
+    return sum(policy.peak_bytes(i, context_tokens, total_tokens, chunk_tokens) for i in infos)
 
 
 def store_for(
@@ -34,6 +35,7 @@ def store_for(
     total_tokens: int,
     kv_memory: int | None,
     store: StoreConfig,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> StoreConfig:
     """``store`` with its backend resolved for this run. Under a ``kv_memory`` limit the hot set must fit, checked
     before any compute; the warm tier then gets what the hot set leaves free (enforced as the run goes, by the
@@ -45,7 +47,7 @@ def store_for(
     if kv_memory is not None and store.backend == "ram":
         raise TiermemError("a KV memory limit needs the disk store for what does not fit (--kv-store disk)")
     if kv_memory is not None:
-        needed = hot_bytes(policy, infos, context_tokens, total_tokens)
+        needed = hot_bytes(policy, infos, context_tokens, total_tokens, chunk_tokens)
         if needed > kv_memory:
             raise TiermemError(
                 f"KV memory limit {format_bytes(kv_memory)} is below what policy '{policy.name}' holds in RAM for "
@@ -94,10 +96,11 @@ class TierCache(Cache):
                 layer.probe_start = None
         self.policy.after_probe(self.tier_layers)
 
-    def plan(self, context_tokens: int, total_tokens: int) -> None:
-        """Tell every layer how long the context and the whole run will be (budgets, allocation)."""
+    def plan(self, context_tokens: int, total_tokens: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
+        """Tell every layer how long the context and the whole run will be, and the prefill chunk (budgets,
+        allocation)."""
         for layer in self.tier_layers:
-            layer.plan(context_tokens, total_tokens)
+            layer.plan(context_tokens, total_tokens, chunk_tokens)
 
     def end_context(self) -> None:
         for layer in self.tier_layers:

@@ -15,6 +15,7 @@ from tiermem.kvstore.blocks import StoreConfig
 from tiermem.layer_info import describe_layers
 from tiermem.memory.auto import Auto
 from tiermem.memory.base import Policy
+from tiermem.memory.layer import DEFAULT_CHUNK_TOKENS
 from tiermem.models import LoadedModel
 from tiermem.prompts import Prompt
 from tiermem.stats import Stats, Stopwatch, peak_rss_bytes, reset_peak_rss
@@ -29,7 +30,7 @@ class GenerationConfig:
     """
 
     max_new_tokens: int = 32
-    chunk_size: int = 512
+    chunk_size: int = DEFAULT_CHUNK_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
@@ -199,7 +200,7 @@ def generate(
     )
     if chosen:
         stats.extra["auto"] = chosen
-    store = store_for(policy, infos, context.shape[1], total, config.kv_memory, config.store)
+    store = store_for(policy, infos, context.shape[1], total, config.kv_memory, config.store, config.chunk_size)
     cache = TierCache(lm.model, policy, store, config.kv_memory, lm.tokenizer)
     try:
         return _run(lm, cache, context, question, config, stats, on_text)
@@ -218,7 +219,7 @@ def _run(
 ) -> Result:
     """Prefill, compress, read the question and decode (the body of :func:`generate`)."""
     total = context.shape[1] + question.shape[1] + config.max_new_tokens
-    cache.plan(context.shape[1], total)
+    cache.plan(context.shape[1], total, config.chunk_size)
     generator = torch.Generator().manual_seed(config.seed)
     stops = stop_token_ids(lm)
     stream = TextStream(lm, on_text)

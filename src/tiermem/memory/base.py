@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tiermem.errors import TiermemError
 from tiermem.layer_info import LayerInfo
-from tiermem.memory.layer import SlidingWindowLayer, TierLayer
+from tiermem.memory.layer import DEFAULT_CHUNK_TOKENS, SlidingWindowLayer, TierLayer
 
 if TYPE_CHECKING:
     from tiermem.kvstore.blocks import BlockStore
@@ -73,16 +73,21 @@ class Policy:
     def observe_tokens(self, layers: list[TierLayer], start: int, pieces: list[str]) -> None:
         """Receive the decoded text of the tokens at positions ``start, start+1, ...``. Default: unused."""
 
-    def peak_bytes(self, info: LayerInfo, context_tokens: int, total_tokens: int) -> int:
-        """Most bytes one layer holds in RAM during a run (the ``--kv-memory`` check). Default: every token."""
-        return self.peak_tokens(info, context_tokens, total_tokens) * (
+    def peak_bytes(
+        self, info: LayerInfo, context_tokens: int, total_tokens: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    ) -> int:
+        """Most bytes one layer holds in RAM during a run (the ``--kv-memory`` check), prefill arriving
+        ``chunk_tokens`` at a time. Default: every token."""
+        return self.peak_tokens(info, context_tokens, total_tokens, chunk_tokens) * (
             info.kv_bytes_per_token() + 8 * info.num_kv_heads
         )
 
-    def peak_tokens(self, info: LayerInfo, context_tokens: int, total_tokens: int) -> int:
+    def peak_tokens(
+        self, info: LayerInfo, context_tokens: int, total_tokens: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    ) -> int:
         """Most tokens one layer of a dense-buffer policy holds (K, V and an int64 position per head each)."""
         if info.sliding_window is not None:
-            return min(total_tokens, info.sliding_window + SlidingWindowLayer.slack + 512)
+            return min(total_tokens, info.sliding_window + SlidingWindowLayer.slack + chunk_tokens)
         return total_tokens
 
     def check(self, context_tokens: int, total_tokens: int, max_positions: int) -> None:

@@ -36,7 +36,7 @@ from tiermem.layer_info import LayerInfo
 from tiermem.memory.base import Policy
 from tiermem.memory.head_retrieval import SharedRetrieval
 from tiermem.memory.joint_attention import joint_attention
-from tiermem.memory.layer import TierLayer
+from tiermem.memory.layer import DEFAULT_CHUNK_TOKENS, TierLayer
 from tiermem.memory.retrieval_heads import retrieval_heads
 from tiermem.rope import apply_rope, unapply_rope
 
@@ -114,9 +114,13 @@ class ContextMemoryPolicy(Policy):
         """Window buffer size: the window, a chunk, and up to one chunk of graduated tokens awaiting compaction."""
         return self.n_local + 2 * self.exc_block_size
 
-    def peak_bytes(self, info: LayerInfo, context_tokens: int, total_tokens: int) -> int:
+    def peak_bytes(
+        self, info: LayerInfo, context_tokens: int, total_tokens: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    ) -> int:
+        # Prefill chunks are attended exc_block_size tokens at a time (ContextMemoryLayer.attend): the engine's
+        # chunk size does not change what global layers hold.
         if info.sliding_window is not None:
-            return super().peak_bytes(info, context_tokens, total_tokens)
+            return super().peak_bytes(info, context_tokens, total_tokens, chunk_tokens)
         kv = info.kv_bytes_per_token()
         window = min(total_tokens, self.local_slots()) * (kv + 8 * info.num_kv_heads + 4 * info.num_heads)
         # init, retrieved set, remainder and edge tokens (the remainder is bounded by a block plus a chunk)
@@ -161,8 +165,8 @@ class ContextMemoryLayer(TierLayer):
                 store.config.allocator, info.num_kv_heads, info.head_dim, info.dtype, info.num_heads
             )
 
-    def plan(self, context_tokens: int, total_tokens: int) -> None:
-        super().plan(context_tokens, total_tokens)
+    def plan(self, context_tokens: int, total_tokens: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
+        super().plan(context_tokens, total_tokens, chunk_tokens)
         self.local.reserve(min(total_tokens, self.policy.local_slots()))
 
     # -- policy hooks -------------------------------------------------------------------------------------------

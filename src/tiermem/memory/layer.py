@@ -19,6 +19,8 @@ from tiermem.kvstore.dense import KVBuffer
 from tiermem.layer_info import LayerInfo
 from tiermem.rope import apply_rope
 
+DEFAULT_CHUNK_TOKENS = 512  # prefill chunk size unless the run says otherwise (GenerationConfig.chunk_size)
+
 if TYPE_CHECKING:
     from tiermem.kvstore.blocks import BlockStore
     from tiermem.kvstore.meter import MemoryMeter
@@ -71,6 +73,7 @@ class TierLayer(CacheLayerMixin):
         self.seen = 0
         self.context_tokens: int | None = None  # set by plan(): how long the context will be
         self.total_tokens: int | None = None  # set by plan(): context, question and new tokens together
+        self.chunk_tokens = DEFAULT_CHUNK_TOKENS  # set by plan(): tokens per prefill forward
         self.end_context_after_prefill = False  # context-manager mode: compress after generate()'s prefill forward
         self.meter: MemoryMeter | None = None  # set by a TierCache: this layer reports its bytes there
         self.probe_start: int | None = None  # set while a probe forward runs (see probe)
@@ -119,10 +122,12 @@ class TierLayer(CacheLayerMixin):
         if self.meter is not None:
             self.meter.set(self.info.layer_idx, self.kv_bytes())
 
-    def plan(self, context_tokens: int, total_tokens: int) -> None:
-        """Hint before the first token: the context has ``context_tokens``, the whole run at most ``total_tokens``."""
+    def plan(self, context_tokens: int, total_tokens: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
+        """Hint before the first token: the context has ``context_tokens``, the whole run at most ``total_tokens``,
+        and prefill arrives ``chunk_tokens`` at a time (buffers that evict after each forward must hold a chunk)."""
         self.context_tokens = context_tokens
         self.total_tokens = total_tokens
+        self.chunk_tokens = chunk_tokens
 
     def headroom(self) -> int:
         """Token slots still to come after the context (question and new tokens), as planned; 64 if unplanned."""
@@ -172,8 +177,8 @@ class DenseLayer(TierLayer):
         super().__init__(info)
         self.buffer = KVBuffer(info.num_kv_heads, info.head_dim, info.dtype)
 
-    def plan(self, context_tokens: int, total_tokens: int) -> None:
-        super().plan(context_tokens, total_tokens)
+    def plan(self, context_tokens: int, total_tokens: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
+        super().plan(context_tokens, total_tokens, chunk_tokens)
         self.buffer.reserve(self.reserve_hint(context_tokens, total_tokens))
 
     def reserve_hint(self, context_tokens: int, total_tokens: int) -> int:
@@ -238,7 +243,7 @@ class SlidingWindowLayer(DenseLayer):
 
     def reserve_hint(self, context_tokens: int, total_tokens: int) -> int:
         assert self.info.sliding_window is not None
-        return min(total_tokens, self.info.sliding_window + self.slack + 512)
+        return min(total_tokens, self.info.sliding_window + self.slack + self.chunk_tokens)
 
     def after_attend(self, rotated_q: torch.Tensor) -> None:
         assert self.info.sliding_window is not None

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 from tiermem.errors import TiermemError
 from tiermem.layer_info import LayerInfo, describe_layers
 from tiermem.memory.base import BudgetedPolicy
-from tiermem.memory.layer import DenseLayer, TierLayer, attention
+from tiermem.memory.layer import DEFAULT_CHUNK_TOKENS, DenseLayer, TierLayer, attention
 
 if TYPE_CHECKING:
     from tiermem.kvstore.blocks import BlockStore
@@ -95,9 +95,11 @@ class ScorerPolicy(BudgetedPolicy):
     def largest_layer_budget(self, context_tokens: int) -> int:
         return self.budget_for(context_tokens)
 
-    def peak_tokens(self, info: LayerInfo, context_tokens: int, total_tokens: int) -> int:
+    def peak_tokens(
+        self, info: LayerInfo, context_tokens: int, total_tokens: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    ) -> int:
         if info.sliding_window is not None:
-            return super().peak_tokens(info, context_tokens, total_tokens)
+            return super().peak_tokens(info, context_tokens, total_tokens, chunk_tokens)
         return max(context_tokens, self.largest_layer_budget(context_tokens) + total_tokens - context_tokens)
 
 

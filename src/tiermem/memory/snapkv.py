@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tiermem.errors import TiermemError
 from tiermem.layer_info import LayerInfo
 from tiermem.memory.base import BudgetedPolicy
-from tiermem.memory.layer import DenseLayer, TierLayer
+from tiermem.memory.layer import DEFAULT_CHUNK_TOKENS, DenseLayer, TierLayer
 from tiermem.memory.sentences import record_sentence_ends, sentence_spans, share_sentence_ends
 
 if TYPE_CHECKING:
@@ -118,9 +118,11 @@ class SnapKV(BudgetedPolicy):
                 f"the {later} tokens that come after the context; raise the budget or lower budget_includes_new"
             )
 
-    def peak_tokens(self, info: LayerInfo, context_tokens: int, total_tokens: int) -> int:
+    def peak_tokens(
+        self, info: LayerInfo, context_tokens: int, total_tokens: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    ) -> int:
         if info.sliding_window is not None:
-            return super().peak_tokens(info, context_tokens, total_tokens)
+            return super().peak_tokens(info, context_tokens, total_tokens, chunk_tokens)
         later = 0 if self.budget_includes_new else total_tokens - context_tokens
         return max(context_tokens, self.budget_for(context_tokens) + later)
 

@@ -8,7 +8,7 @@ import torch
 
 from tiermem.layer_info import LayerInfo
 from tiermem.memory.base import BudgetedPolicy
-from tiermem.memory.layer import DenseLayer, TierLayer, attention
+from tiermem.memory.layer import DEFAULT_CHUNK_TOKENS, DenseLayer, TierLayer, attention
 from tiermem.rope import apply_rope
 
 
@@ -49,10 +49,12 @@ class StreamingLLM(BudgetedPolicy):
     def make_global_layer(self, info: LayerInfo) -> TierLayer:
         return StreamingLayer(info, self)
 
-    def peak_tokens(self, info: LayerInfo, context_tokens: int, total_tokens: int) -> int:
+    def peak_tokens(
+        self, info: LayerInfo, context_tokens: int, total_tokens: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    ) -> int:
         if info.sliding_window is not None or not self.evict_during_prefill:
-            return super().peak_tokens(info, context_tokens, total_tokens)
-        return min(total_tokens, self.budget_for(context_tokens) + StreamingLayer.slack + 512)
+            return super().peak_tokens(info, context_tokens, total_tokens, chunk_tokens)
+        return min(total_tokens, self.budget_for(context_tokens) + StreamingLayer.slack + chunk_tokens)
 
 
 class StreamingLayer(DenseLayer):
@@ -68,15 +70,15 @@ class StreamingLayer(DenseLayer):
         self.evicting = policy.evict_during_prefill
         self.sink_keys: torch.Tensor | None = None  # (1, Hkv, n_sink, D) before RoPE
 
-    def plan(self, context_tokens: int, total_tokens: int) -> None:
+    def plan(self, context_tokens: int, total_tokens: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
         self.budget = self.policy.budget_for(context_tokens)
-        super().plan(context_tokens, total_tokens)
+        super().plan(context_tokens, total_tokens, chunk_tokens)
 
     def reserve_hint(self, context_tokens: int, total_tokens: int) -> int:
         assert self.budget is not None
         if not self.evicting:
             return total_tokens
-        return min(total_tokens, self.budget + self.slack + 512)
+        return min(total_tokens, self.budget + self.slack + self.chunk_tokens)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.budget is None:  # context-manager mode: the first forward is the whole prompt

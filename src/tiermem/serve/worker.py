@@ -224,7 +224,7 @@ class ModelWorker:
             cache = session.cache
             assert cache is not None
             if lease.fresh:
-                cache.plan(len(ids), len(ids) + config.max_new_tokens)
+                cache.plan(len(ids), len(ids) + config.max_new_tokens, self.chunk_size)
             if new:
                 session.logits = prefill(self.lm.model, cache, torch.tensor([new]), self.chunk_size, session.logits)
                 session.tokens = np.concatenate([session.tokens, np.asarray(new, dtype=np.int64)])
