@@ -142,3 +142,33 @@ def test_ordered_memory_positions_are_exact_when_everything_is_retrieved(llama: 
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-4)
     out, reference = _decode_step_against_full_attention(llama, "fixed")
     assert not torch.allclose(out, reference, atol=1e-3)
+
+
+def test_sentence_blocks_end_at_sentence_ends() -> None:
+    from tiermem.memory.infllm import sentence_blocks
+
+    assert sentence_blocks([], 0, 40, (4, 12), 8) == [8, 8, 8, 8]  # no sentence end: the paper's fixed blocks
+    assert sentence_blocks([], 0, 11, (4, 12), 8) == []  # waits for `most` tokens, so a later end can still count
+    # ends at positions 5 and 8 (blocks of 6 or 9 tokens): 9 is nearer to 8; the next block starts at 9
+    assert sentence_blocks([5, 8, 30], 0, 24, (4, 12), 8) == [9, 8]
+    assert sentence_blocks([2], 0, 12, (4, 12), 8) == [8]  # a block of 3 would be under the fewest (4)
+
+
+def test_infllm_sentence_boundaries_cut_blocks_at_sentence_ends(llama: torch.nn.Module) -> None:
+    policy = InfLLM(n_init=4, n_local=32, block_size=8, topk=2, exc_block_size=16, boundaries="sentence")
+    n, chunk, period = 300, 25, 11
+    ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(7))
+    cache = TierCache(llama, policy)
+    cache.plan(n, n)
+    with torch.no_grad(), patched_attention(llama):
+        for start in range(0, n, chunk):
+            part = ids[:, start : start + chunk]
+            cache.observe_tokens(start, ["." if (start + i) % period == period - 1 else " w" for i in range(25)])
+            llama(input_ids=part, cache=cache, position_ids=torch.arange(start, start + part.shape[1])[None])
+    for layer in cache.tier_layers:
+        assert isinstance(layer, InfLLMLayer)
+        assert len(layer.block_sizes) >= 15
+        for first, size in zip(layer.block_starts, layer.block_sizes, strict=True):
+            assert (first + size) % period == 0  # the block's last token ends a sentence
+            assert 4 <= size <= 12
+        assert layer.init_k.shape[2] + sum(layer.block_sizes) + layer.rem_k.shape[2] == layer.graduated
