@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from tiermem.tune.tasks import polarity_sentences
 
 
-def make_tiny_tune_model(folder: Path, layers: int = 2) -> Path:
+def make_tiny_tune_model(folder: Path, layers: int = 2, tied: bool = False) -> Path:
     """Save a 2-layer Llama (hidden 64) with a word-level tokenizer of every word in the polarity data."""
     words = sorted({w for e in polarity_sentences() for w in e.text.split()} | {"It", "was", "great", "terrible"})
     vocab = {"[UNK]": 0, "<|end|>": 1}
@@ -33,7 +33,7 @@ def make_tiny_tune_model(folder: Path, layers: int = 2) -> Path:
         max_position_embeddings=256,
         eos_token_id=1,
         pad_token_id=1,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     LlamaForCausalLM(cfg).save_pretrained(folder)
     return folder

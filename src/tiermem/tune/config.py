@@ -111,8 +111,11 @@ class TuneConfig:
             raise TiermemError(f"--eps applies to zeroth-order methods, not {self.method}")
         if self.lora and self.method not in ZO_METHODS:
             raise TiermemError(f"--lora applies to {', '.join(ZO_METHODS)}; use --method lora or zo-lora")
-        if self.weights == "stream" and (not self.zo or self.uses_lora):
-            raise TiermemError("--weights stream trains every parameter with a ZO method (zo-sgd, -sign, -mmt, -adam)")
+        if self.weights == "stream" and (self.method not in ("zo-sgd", "zo-sgd-sign") or self.uses_lora):
+            raise TiermemError(
+                "--weights stream trains every parameter with zo-sgd or zo-sgd-sign (momentum and Adam state, "
+                "and LoRA, are not streamed)"
+            )
         if self.gradient_checkpointing and self.zo:
             raise TiermemError("--gradient-checkpointing applies to backprop methods (adamw, lora)")
         if self.resume and self.out is None:

@@ -150,7 +150,9 @@ def tune(config: TuneConfig, progress: bool = False, stop_after: int | None = No
             records.append(record)
             bar.advance(record["loss"])
             last = step + 1 == config.steps  # a run stopped early (stop_after) checkpoints only on schedule
-            if config.out is not None and ((step + 1) % config.checkpoint_every == 0 or last):
+            # A streamed run rewrites its weights every step, so it checkpoints every step (a small JSON).
+            every = 1 if config.weights == "stream" else config.checkpoint_every
+            if config.out is not None and ((step + 1) % every == 0 or last):
                 tensors, extra = runner.state()
                 checkpoint.save(
                     config.out,

@@ -1,0 +1,73 @@
+"""Layer files of a streamed ZO run: aligned reads, atomic checksummed writes, the resident group into a meta model.
+
+Every decoder layer is one safetensors file (:mod:`tiermem.weights.shards`' layout). A streamed step reads each file
+once (:func:`read_aligned`) and writes the updated layer once (:func:`write_layer`: temporary file, fsync, rename,
+SHA-256 of what was written).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from tiermem.errors import TiermemError
+from tiermem.tune.checkpoint import sha256_file
+from tiermem.weights.shards import LayerStore, read_group, read_header
+from tiermem.weights.stream import _set_parameter, _tied_aliases
+
+
+def write_layer(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Save one layer atomically (temporary file, fsync, rename); return the file's SHA-256."""
+    temp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(temp))
+    with temp.open("rb+") as handle:
+        os.fsync(handle.fileno())
+    checksum = sha256_file(temp)  # read back from the page cache, on the writer thread
+    temp.replace(path)
+    return checksum
+
+
+def read_aligned(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file in its own allocation (one ``readinto`` each).
+
+    Zero-copy views into one buffer (:func:`read_group`) start at the header's arbitrary byte offsets; the GEMM
+    kernels take other code paths on unaligned data and round differently, so the streamed run would drift from the
+    resident one in the last bits. Separate allocations are aligned as the resident model's tensors are.
+    """
+    shard = read_header(path)
+    tensors = {}
+    with path.open("rb", buffering=0) as handle:
+        for entry in shard.tensors:
+            tensor = torch.empty(entry.shape, dtype=entry.dtype)
+            target = memoryview(tensor.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+            handle.seek(shard.data_offset + entry.start)
+            done = 0
+            while done < entry.end - entry.start:
+                got = handle.readinto(target[done:])
+                if not got:
+                    raise TiermemError(f"weight shard {path} was truncated while reading")
+                done += got
+            tensors[entry.name] = tensor
+    return tensors
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def load_resident(model: nn.Module, store: LayerStore) -> None:
+    aliases = _tied_aliases(model)
+    tensors = read_group(store.resident)
+    params = {name: nn.Parameter(t.clone(), requires_grad=False) for name, t in tensors.items()}
+    for name, param in params.items():
+        _set_parameter(model, name, param)
+    for alias, owner in aliases.items():
+        if owner in params:
+            _set_parameter(model, alias, params[owner])
