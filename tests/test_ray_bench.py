@@ -88,3 +88,17 @@ def test_no_ray_import_without_the_flag(tiny_model_dir: Path, tmp_path: Path) ->
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((out / RESULTS_FILE).read_text().splitlines()[0])["status"] == "ok"
+
+
+def test_cli_bench_ray_joins_the_running_cluster(cluster: Cluster, tiny_model_dir: Path, tmp_path: Path) -> None:
+    from tiermem.cli import main
+
+    out = tmp_path / "cli"
+    argv = ["bench", "--models", str(tiny_model_dir), "--policies", "full,streaming", "--budgets", "64"]
+    argv += ["--lengths", "240", "--depths", "0.5", "--tasks", "passkey", "--max-new-tokens", "2"]
+    assert main([*argv, "--out", str(out), "--ray"]) == 0
+    rows = load_rows(out)
+    assert [r["status"] for r in rows] == ["ok", "ok"] and (out / "summary.md").exists()
+    import ray
+
+    assert ray.is_initialized()  # a cluster the caller started is left running

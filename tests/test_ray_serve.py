@@ -115,9 +115,36 @@ def test_replicas_keep_sessions_and_survive_a_kill(cluster: Cluster, tiny_model_
             history += [{"role": "user", "content": f"Turn {turn + 1}: what is the pass key?"}]
             previous[i] = reply.usage.prompt_tokens
     assert all(len(s) == TURNS for s in served)  # every turn of every conversation was answered
+    chunks = list(
+        client.chat.completions.create(
+            model=str(model), messages=histories[0], max_tokens=4, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    usage = chunks[-1].usage  # SSE passes through the ingress, chunk by chunk
+    assert len(chunks) >= 3 and usage is not None and usage.prompt_tokens_details is not None
+    assert (usage.prompt_tokens_details.cached_tokens or 0) >= previous[0]
     before = [s[:KILL_BEFORE_TURN] for s in served]
     assert all(len(set(s)) == 1 for s in before)  # pinned: one replica per conversation
     assert len({s[0] for s in before}) == 2  # and both replicas took conversations
     moved = [s for s in served if s[0] == killed]
     assert moved and all(killed not in s[KILL_BEFORE_TURN:] for s in moved)  # continued on another replica
     assert reused >= 0.9 * later_turns, f"{reused}/{later_turns} turns served from stored sessions"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--no-durable", "--sessions-dir", "s"], "--ray needs --durable"),
+        ([], "--ray needs --sessions-dir"),
+        (["--replicas", "0", "--sessions-dir", "s"], "--replicas must be at least 1"),
+    ],
+)
+def test_serve_ray_refuses_bad_flags(
+    flags: list[str], message: str, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tiermem.cli import main
+
+    assert main(["serve", "--ray", "--model", str(tiny_model_dir), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

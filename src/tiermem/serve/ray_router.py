@@ -137,7 +137,8 @@ class TiermemReplica:
 ingress_app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
 
-@serve.deployment(name="TiermemIngress", ray_actor_options={"num_cpus": 0})
+# The ingress only waits on replicas: Serve's default of 5 requests at once would queue conversations at the proxy.
+@serve.deployment(name="TiermemIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(ingress_app)  # at import: Ray pickles the class by reference, so replicas import it decorated
 class TiermemIngress:
     """Serve's HTTP entry: every path and method, forwarded to the replica the request's affinity key picks.
