@@ -73,7 +73,7 @@ class TierCache(Cache):
     ):
         self.policy = policy
         self.tokenizer = tokenizer
-        self.infos = describe_layers(model)
+        self.infos = describe_layers(model, (store or StoreConfig()).kv_dtype)
         self.tier_layers: list[TierLayer] = [policy.make_layer(info) for info in self.infos]
         self.meter = MemoryMeter(kv_memory)
         self.store = BlockStore(store or StoreConfig(), model.dtype, self.meter)

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any, NoReturn
 
-from tiermem.cli_args import add_dtype_arg, add_generation_args, generation_config
+from tiermem.cli_args import add_dtype_arg, add_generation_args, generation_config, load_options
 from tiermem.errors import TiermemError
 from tiermem.units import parse_size, parse_tokens, read_text_file
 
@@ -158,6 +158,10 @@ def summary_lines(policy: str, weights: str, stats: Any) -> list[str]:
     ]
     if "auto" in extra:  # what --policy auto chose, and why
         lines.insert(0, f"[auto] {extra['auto']}")
+    if "weights_format" in extra:  # the number formats that ran (also in --json's "extra")
+        lines.append(
+            f"[formats] weights {extra['weights_format']}, activations {extra['compute_dtype']}, KV {extra['kv_dtype']}"
+        )
     if weights == "stream":
         lines.append(
             f"[weights stream] {extra['weight_layers_held']} layers held, {extra['weight_loads']} loads, "
@@ -184,7 +188,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args, temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop)
     )
     weights = {"weights": args.weights, "stream": stream_config(args), "flash": flash_config(args)}
-    lm = load(args.model, dtype=args.dtype, **weights)
+    lm = load(args.model, **load_options(args), **weights)
     prompt = build_prompt(lm, context, args.question, style=args.prompt_style)
 
     def echo(piece: str) -> None:

@@ -17,9 +17,25 @@ if TYPE_CHECKING:
 
 
 def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    """The number formats: ``--dtype`` (weights and activations), ``--weights-quant`` with ``--quant-group``, and
+    ``--kv-dtype`` (how KV rows are stored)."""
+    from tiermem.kvstore.quant import KV_DTYPES
     from tiermem.models import DTYPES
+    from tiermem.weights.quant import DEFAULT_INT4_GROUP, INT4_GROUP_SIZES, WEIGHT_QUANTS
 
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight and KV dtype")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight and activation dtype")
+    parser.add_argument(
+        "--weights-quant", default="none", choices=list(WEIGHT_QUANTS), help="weight-only quantized Linear layers"
+    )
+    parser.add_argument(
+        "--quant-group", type=int, default=DEFAULT_INT4_GROUP, choices=list(INT4_GROUP_SIZES), help="int4 group size"
+    )
+    parser.add_argument("--kv-dtype", default="auto", choices=list(KV_DTYPES), help="KV storage (auto: --dtype)")
+
+
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of :func:`tiermem.models.load` that :func:`add_dtype_arg`'s flags give."""
+    return {"dtype": args.dtype, "weights_quant": args.weights_quant, "quant_group": args.quant_group}
 
 
 def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int | None) -> None:
@@ -46,7 +62,8 @@ def generation_config(args: argparse.Namespace, **fields: Any) -> GenerationConf
     from tiermem.engine import GenerationConfig
     from tiermem.kvstore.blocks import StoreConfig
 
-    store = StoreConfig(backend=args.kv_store, folder=args.kv_dir, allocator=args.kv_alloc)
+    kv_dtype = getattr(args, "kv_dtype", "auto")
+    store = StoreConfig(backend=args.kv_store, folder=args.kv_dir, allocator=args.kv_alloc, kv_dtype=kv_dtype)
     values: dict[str, Any] = {
         "max_new_tokens": args.max_new_tokens,
         "chunk_size": args.chunk_size,

@@ -9,7 +9,9 @@ from rich.console import Console
 from rich.table import Table
 
 from tiermem.bench.tasks import make_sample, score
+from tiermem.cli_args import load_options
 from tiermem.engine import GenerationConfig, generate
+from tiermem.kvstore.blocks import StoreConfig
 from tiermem.memory import registry
 from tiermem.models import BUNDLED, load
 from tiermem.prompts import build_prompt
@@ -29,7 +31,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console = Console()
     description = BUNDLED[args.model].description if args.model in BUNDLED else args.model
     console.print(f"[bold]tiermem demo[/] · model [cyan]{args.model}[/] ({description})")
-    lm = load(args.model, dtype=args.dtype)
+    lm = load(args.model, **load_options(args))
     samples = [make_sample("needle", lm.tokenizer, DEMO_LENGTH, depth, 0) for depth in DEMO_DEPTHS]
     prompts = [build_prompt(lm, s.context, s.question, answer_prefix=s.answer_prefix) for s in samples]
     console.print(
@@ -42,7 +44,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     misses = []
     for name, budget, aware in DEMO_POLICIES:
         policy = registry.build(name, kv_budget=budget) if budget else registry.build(name)
-        config = GenerationConfig(max_new_tokens=16, question_aware=aware)
+        config = GenerationConfig(max_new_tokens=16, question_aware=aware, store=StoreConfig(kv_dtype=args.kv_dtype))
         label = name + (f"@{budget}" if budget else "") + (" +question" if aware else "")
         results = []
         with console.status(f"running {label}..."):

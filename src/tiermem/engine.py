@@ -12,6 +12,7 @@ from tiermem.attention import patched_attention
 from tiermem.cache import TierCache, store_for
 from tiermem.errors import TiermemError
 from tiermem.kvstore.blocks import StoreConfig
+from tiermem.kvstore.quant import kv_format
 from tiermem.layer_info import describe_layers
 from tiermem.memory.auto import Auto
 from tiermem.memory.base import Policy
@@ -185,7 +186,7 @@ def generate(
     total = prompt.num_tokens + config.max_new_tokens
     if prompt.num_tokens == 0:
         raise TiermemError("the prompt is empty")
-    infos = describe_layers(lm.model)
+    infos = describe_layers(lm.model, config.store.kv_dtype)
     chosen = ""
     if isinstance(policy, Auto):  # resolved now that the prompt's length is known
         choice = policy.choose(infos, context.shape[1], total, config)
@@ -200,12 +201,25 @@ def generate(
     )
     if chosen:
         stats.extra["auto"] = chosen
+    # The formats that ran: weights (a dtype, int8 or int4-g<group>), activations, and how KV rows are stored.
+    stats.extra.update(formats(lm, config.store.kv_dtype))
     store = store_for(policy, infos, context.shape[1], total, config.kv_memory, config.store, config.chunk_size)
     cache = TierCache(lm.model, policy, store, config.kv_memory, lm.tokenizer)
     try:
         return _run(lm, cache, context, question, config, stats, on_text)
     finally:
         cache.close()
+
+
+def formats(lm: LoadedModel, kv_dtype: str) -> dict[str, str]:
+    """The number formats a run uses, for the cost summary and ``--json``: ``weights_format``, ``compute_dtype``
+    (activations) and ``kv_dtype`` (``auto`` resolved)."""
+    compute = lm.model.dtype
+    return {
+        "weights_format": lm.weights_format,
+        "compute_dtype": str(compute).removeprefix("torch."),
+        "kv_dtype": kv_format(kv_dtype, compute).name,
+    }
 
 
 def _run(

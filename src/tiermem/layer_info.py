@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from tiermem.kvstore.quant import kv_format
 from tiermem.rope import Rope
 
 
@@ -30,14 +31,15 @@ class LayerInfo:
     rope: Rope
     max_positions: int
     dtype: torch.dtype
+    kv_dtype: str = "auto"  # how KV rows are stored (tiermem.kvstore.quant.KV_DTYPES); auto: as ``dtype``
 
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
     def kv_bytes_per_token(self) -> int:
-        """Bytes of K plus V for one token in this layer."""
-        return 2 * self.num_kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+        """Bytes of K plus V for one token in this layer, as stored (int8 rows carry their scales)."""
+        return 2 * self.num_kv_heads * kv_format(self.kv_dtype, self.dtype).row_bytes(self.head_dim)
 
 
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
@@ -58,8 +60,9 @@ def attention_modules(model: PreTrainedModel) -> list[Any]:
     return modules
 
 
-def describe_layers(model: PreTrainedModel) -> list[LayerInfo]:
-    """One :class:`LayerInfo` per decoder layer, sharing one :class:`Rope` per RoPE flavour."""
+def describe_layers(model: PreTrainedModel, kv_dtype: str = "auto") -> list[LayerInfo]:
+    """One :class:`LayerInfo` per decoder layer, sharing one :class:`Rope` per RoPE flavour; KV rows stored as
+    ``kv_dtype``."""
     config = model.config
     rotary: Any = model.model.rotary_emb
     ropes: dict[str | None, Rope] = {}
@@ -83,6 +86,7 @@ def describe_layers(model: PreTrainedModel) -> list[LayerInfo]:
                 rope=ropes[layer_type],
                 max_positions=int(getattr(config, "max_position_embeddings", 0) or 0),
                 dtype=model.dtype,
+                kv_dtype=kv_dtype,
             )
         )
     return infos

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from tiermem.errors import TiermemError
 from tiermem.weights.flash import FlashConfig, FlashWeights
+from tiermem.weights.quant import DEFAULT_INT4_GROUP, check_weight_quant, quantize_weights
 from tiermem.weights.shards import source_fingerprint
 from tiermem.weights.stream import StreamConfig, StreamedWeights, load_streamed
 
@@ -85,6 +86,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     source: Path
     placement: StreamedWeights | FlashWeights | None = None  # set unless every weight is resident
+    weights_format: str = "float32"  # what the Linear weights are held in: a dtype, int8 or int4-g<group>
 
     def close(self) -> None:
         """Stop the weight loader thread, if any (the model is unusable afterwards when streamed)."""
@@ -191,16 +193,22 @@ def load(
     weights: str = "resident",
     stream: StreamConfig | None = None,
     flash: FlashConfig | None = None,
+    weights_quant: str = "none",
+    quant_group: int = DEFAULT_INT4_GROUP,
 ) -> LoadedModel:
     """Load a causal LM by alias (``smollm2``, ``gemma3-270m``), local HF folder or GGUF path; offline only.
 
     ``weights="stream"`` keeps the decoder layers on disk (a per-layer copy made once under the cache) and streams
     them through the RAM slots ``stream`` allows; ``"flash"`` keeps each FFN's up and down projections on disk as
     neuron bundles read on demand (``flash``); ``"resident"`` loads everything, and refuses a model larger than
-    ``stream.weight_memory`` when one is given.
+    ``stream.weight_memory`` when one is given. ``weights_quant`` (``int8``, ``int4`` in groups of ``quant_group``)
+    swaps the resident model's Linear layers for weight-only quantized ones (:mod:`tiermem.weights.quant`).
     """
     if dtype not in DTYPES:
         raise TiermemError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
+    check_weight_quant(weights_quant, quant_group)
+    if weights_quant != "none" and weights != "resident":
+        raise TiermemError(f"--weights-quant {weights_quant} needs --weights resident (got {weights})")
     if weights not in WEIGHT_PLACEMENTS:
         raise TiermemError(f"unknown weight placement '{weights}': use one of {', '.join(WEIGHT_PLACEMENTS)}")
     source = resolve_source(name)
@@ -240,4 +248,7 @@ def load(
         )
     model.eval()
     model.requires_grad_(False)
-    return LoadedModel(name=name, model=model, tokenizer=tokenizer, source=source, placement=placement)
+    weights_format = quantize_weights(model, weights_quant, quant_group).label if weights_quant != "none" else dtype
+    return LoadedModel(
+        name=name, model=model, tokenizer=tokenizer, source=source, placement=placement, weights_format=weights_format
+    )

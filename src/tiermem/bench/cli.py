@@ -95,6 +95,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             samples=args.samples,
             seed=args.seed,
             dtype=args.dtype,
+            weights_quant=args.weights_quant,
+            quant_group=args.quant_group,
             prompt_style=args.prompt_style,
             generation=generation_config(args, **placeholder),
             task_new_tokens=per_task,

@@ -44,6 +44,8 @@ class BenchConfig:
     samples: int = 1
     seed: int = 0
     dtype: str = "float32"
+    weights_quant: str = "none"  # weight-only quantized Linear layers: none, int8, int4 (groups of quant_group)
+    quant_group: int = 32
     prompt_style: str = "auto"
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=16))
     task_new_tokens: bool = True
@@ -109,8 +111,18 @@ def sample_digest(sample: Sample) -> str:
 def identity(model: str, sample: Sample, run: Run, config: BenchConfig) -> dict[str, Any]:
     """The fields that identify one measurement (the start of its row): the model and its dtype, the sample (and a
     hash of its text), the policy's full recipe, and the whole generation configuration (chunk size, new tokens, KV
-    store, allocator...). A rerun that changes any of them measures again."""
-    return {
+    store, allocator...). A rerun that changes any of them measures again.
+
+    Formats added later (``weights_quant``, the store's ``kv_dtype``) appear only when not their default, so rows
+    measured before they existed keep their keys."""
+    generation = asdict(config.generation_for(sample.task))
+    if generation["store"].get("kv_dtype") == "auto":
+        del generation["store"]["kv_dtype"]
+    quant = {}
+    if config.weights_quant != "none":
+        group = f"-g{config.quant_group}" if config.weights_quant == "int4" else ""
+        quant["weights_quant"] = config.weights_quant + group
+    return quant | {
         "model": model,
         "dtype": config.dtype,
         "prompt_style": config.prompt_style,
@@ -122,12 +134,13 @@ def identity(model: str, sample: Sample, run: Run, config: BenchConfig) -> dict[
         "sample": sample_digest(sample),
         "policy_label": run.label,
         "recipe": repr(run.policy),
-        "generation": asdict(config.generation_for(sample.task)),
+        "generation": generation,
     }
 
 
 KEY_FIELDS = (
     "model",
+    "weights_quant",
     "dtype",
     "prompt_style",
     "task",
@@ -209,7 +222,7 @@ def run_bench(config: BenchConfig, out_dir: Path) -> list[dict[str, Any]]:
         bar = progress.add_task("bench", total=len(cells) * len(runs) * len(config.models))
         for model_name in config.models:
             progress.update(bar, description=f"loading {model_name}")
-            lm = load(model_name, dtype=config.dtype)
+            lm = load(model_name, config.dtype, weights_quant=config.weights_quant, quant_group=config.quant_group)
             for task, length, depth, index in cells:
                 progress.update(bar, description=f"{model_name} {task} {length} (building the prompt)")
                 sample = make_any_sample(task, lm.tokenizer, length, depth, index, config.seed)

@@ -28,6 +28,7 @@ import torch
 from tiermem.errors import TiermemError
 from tiermem.kvstore import ALLOCATORS
 from tiermem.kvstore.meter import MemoryMeter
+from tiermem.kvstore.quant import KV_DTYPES
 
 BACKENDS = ("ram", "disk")
 STORE_CHOICES = ("auto", *BACKENDS)  # "auto": RAM without a KV memory limit, disk with one
@@ -50,12 +51,15 @@ class StoreConfig:
     folder: str | None = None  # parent of the temporary folder for the disk backend (default: the system temp dir)
     warm_bytes: int | None = None
     allocator: str = "grow"  # how hot KV buffers get memory: "grow", "paged" or "concat" (see tiermem.kvstore)
+    kv_dtype: str = "auto"  # how hot KV buffers store rows: auto (the model's dtype), a float dtype or int8
 
     def __post_init__(self) -> None:
         if self.backend not in STORE_CHOICES:
             raise TiermemError(f"unknown KV store '{self.backend}': use one of {', '.join(STORE_CHOICES)}")
         if self.allocator not in ALLOCATORS:
             raise TiermemError(f"unknown KV allocator '{self.allocator}': use one of {', '.join(ALLOCATORS)}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise TiermemError(f"unknown KV dtype '{self.kv_dtype}': use one of {', '.join(KV_DTYPES)}")
         if self.folder is not None and not Path(self.folder).is_dir():
             raise TiermemError(f"KV store folder '{self.folder}' does not exist")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from tiermem.kvstore.quant import KVFormat, kv_format
+
 
 class KVBuffer:
     """Keys, values and original positions of the tokens one layer keeps, in one preallocated block.
@@ -13,16 +15,30 @@ class KVBuffer:
     copied a bounded number of times, unlike ``torch.cat`` per step which copies the whole cache every token.
     :meth:`reserve` sizes the block exactly when the final length is known. :meth:`keep` compacts the kept tokens to
     the front, and can resize the block (a compressed prompt should give its full-size block back).
+
+    ``kv_format`` (:mod:`tiermem.kvstore.quant`) is how rows are stored: by default the compute ``dtype`` itself;
+    otherwise ``keys``/``values`` hold stored rows (1, H, capacity, W) (``W = D + 4`` for int8: values, then their
+    scale), :meth:`view` decodes to ``dtype`` and :meth:`stored` gives the rows as stored.
     """
 
-    def __init__(self, num_heads: int, head_dim: int, dtype: torch.dtype, min_growth: int = 64, score_rows: int = 0):
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        min_growth: int = 64,
+        score_rows: int = 0,
+        kv_format: KVFormat | str | None = None,
+    ):
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.dtype = dtype
+        self.format = _resolve(kv_format, dtype)
+        self.row_width = self.format.row_width(head_dim)
         self.min_growth = min_growth
         self.length = 0
-        self.keys = torch.empty(1, num_heads, 0, head_dim, dtype=dtype)
-        self.values = torch.empty(1, num_heads, 0, head_dim, dtype=dtype)
+        self.keys = torch.empty(1, num_heads, 0, self.row_width, dtype=self.format.storage_dtype)
+        self.values = torch.empty_like(self.keys)
         self.positions = torch.empty(num_heads, 0, dtype=torch.long)
         # Optional per-token statistics that follow the tokens (e.g. attention received), (score_rows, capacity).
         self.scores = torch.empty(score_rows, 0, dtype=torch.float32)
@@ -40,7 +56,7 @@ class KVBuffer:
 
     def _allocate(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Fresh keys, values, positions and scores tensors for ``capacity`` tokens."""
-        keys = torch.empty(1, self.num_heads, capacity, self.head_dim, dtype=self.dtype)
+        keys = torch.empty(1, self.num_heads, capacity, self.row_width, dtype=self.format.storage_dtype)
         values = torch.empty_like(keys)
         positions = torch.empty(self.num_heads, capacity, dtype=torch.long)
         scores = torch.zeros(self.scores.shape[0], capacity, dtype=torch.float32)
@@ -69,30 +85,47 @@ class KVBuffer:
         if needed > self.capacity:
             self._reallocate(max(needed, int(self.capacity * 1.25), self.capacity + self.min_growth))
         end = self.length + t
-        self.keys[:, :, self.length : end] = keys
-        self.values[:, :, self.length : end] = values
+        self.keys[:, :, self.length : end] = self._encode(keys)
+        self.values[:, :, self.length : end] = self._encode(values)
         self.positions[:, self.length : end] = positions
         self.scores[:, self.length : end] = 0.0
         self.length = end
 
+    def _encode(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.format.plain else self.format.encode(rows)
+
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The kept tokens: keys and values (1, H, length, D), positions (H, length)."""
+        """The kept tokens: keys and values (1, H, length, D) in ``dtype``, positions (H, length).
+
+        Zero-copy when rows are stored in ``dtype``; otherwise a decoded copy (attention reads :meth:`stored`
+        instead, see :func:`tiermem.kvstore.quant_attention.stored_attention`)."""
+        keys, values, positions = self.stored()
+        if self.format.plain:
+            return keys, values, positions
+        return self.format.decode(keys, self.dtype), self.format.decode(values, self.dtype), positions
+
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kept tokens as stored: keys and values (1, H, length, W) in the format's dtype, positions."""
         n = self.length
         return self.keys[:, :, :n], self.values[:, :, :n], self.positions[:, :n]
+
+    def write_keys(self, start: int, keys: torch.Tensor) -> None:
+        """Overwrite the keys of slots ``start ...`` with ``keys`` (1, H, T, D) (re-rotated sink keys)."""
+        self.keys[:, :, start : start + keys.shape[2]] = self._encode(keys)
 
     def keep(self, index: torch.Tensor, capacity: int | None = None) -> None:
         """Keep only the tokens at slots ``index``, in that order: (n,) for all heads alike, or (H, n) per head.
 
         With ``capacity``, the block is reallocated to that many slots (at least the kept count).
         """
-        keys, values, positions = self.view()
+        keys, values, positions = self.stored()  # rows move with their scales: no decode
         if index.dim() == 1:
             kept = (keys.index_select(2, index), values.index_select(2, index), positions.index_select(1, index))
             kept_scores = self.scores[:, : self.length].index_select(1, index)
         elif self.scores.shape[0]:
             raise ValueError("per-head keep is not supported with scores")
         else:
-            gather = index[None, :, :, None].expand(1, -1, -1, self.head_dim)
+            gather = index[None, :, :, None].expand(1, -1, -1, self.row_width)
             kept = (keys.gather(2, gather), values.gather(2, gather), positions.gather(1, index))
             kept_scores = self.scores[:, :0]
         n = kept[0].shape[2]
@@ -114,3 +147,9 @@ class ConcatKVBuffer(KVBuffer):
 
     def reserve(self, tokens: int) -> None:
         """A concatenating cache cannot reserve."""
+
+
+def _resolve(name: KVFormat | str | None, dtype: torch.dtype) -> KVFormat:
+    """The buffer's format; a format made for another compute dtype keeps its storage and takes ``dtype``."""
+    fmt = kv_format(name, dtype)
+    return fmt if fmt.compute == dtype else KVFormat(fmt.name, dtype)

@@ -15,6 +15,7 @@ import mmap
 import torch
 
 from tiermem.kvstore.dense import KVBuffer
+from tiermem.kvstore.quant import KVFormat
 
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux value; Python exposes it from 3.12 on some builds
 PAGE = mmap.PAGESIZE
@@ -40,17 +41,18 @@ class PagedKVBuffer(KVBuffer):
         min_growth: int = 64,
         score_rows: int = 0,
         reserve_tokens: int = 65536,
+        kv_format: KVFormat | str | None = None,
     ):
         self._map: mmap.mmap | None = None
         self._rows: list[tuple[int, int, int]] = []  # (offset, bytes per token, row count) of each array
         self._reserve_tokens = reserve_tokens  # the smallest reservation: address space is cheap, copies are not
-        super().__init__(num_heads, head_dim, dtype, min_growth, score_rows)
+        super().__init__(num_heads, head_dim, dtype, min_growth, score_rows, kv_format)
 
     def _allocate(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         capacity = max(capacity, self._reserve_tokens)
         arrays = [  # (rows, values per token, dtype) of keys, values, positions, scores
-            (self.num_heads, self.head_dim, self.dtype),
-            (self.num_heads, self.head_dim, self.dtype),
+            (self.num_heads, self.row_width, self.format.storage_dtype),
+            (self.num_heads, self.row_width, self.format.storage_dtype),
             (self.num_heads, 1, torch.long),
             (self.scores.shape[0], 1, torch.float32),
         ]

@@ -8,7 +8,7 @@ import torch
 
 from tiermem.kvstore.dense import KVBuffer
 from tiermem.layer_info import LayerInfo
-from tiermem.memory.layer import attention
+from tiermem.memory.layer import buffer_attention
 
 
 class RaggedKV:
@@ -27,7 +27,7 @@ class RaggedKV:
         keys, values, positions = buffer.view()
         heads = []
         for h, slots in enumerate(index):
-            head = KVBuffer(1, buffer.head_dim, buffer.dtype)
+            head = KVBuffer(1, buffer.head_dim, buffer.dtype, kv_format=buffer.format)
             head.reserve(slots.shape[0] + headroom)
             head.append(keys[:, h : h + 1, slots], values[:, h : h + 1, slots], positions[h, slots])
             heads.append(head)
@@ -56,6 +56,5 @@ class RaggedKV:
         one_head = dataclasses.replace(info, num_heads=group, num_kv_heads=1)
         outs = []
         for h, head in enumerate(self.heads):
-            keys, values, k_pos = head.view()
-            outs.append(attention(q[:, h * group : (h + 1) * group], keys, values, q_pos, k_pos[0], one_head))
+            outs.append(buffer_attention(q[:, h * group : (h + 1) * group], head, q_pos, one_head))
         return torch.cat(outs, dim=1)

@@ -66,7 +66,9 @@ class AdaKVLayer(ScorerLayer):
         index = adaptive_selection(scores, budget, self.policy.alpha_safeguard)
         self.ragged = RaggedKV.from_dense(self.buffer, index, self.headroom())
         self.dense_peak = max(self.buffer.peak_nbytes, self.buffer.nbytes)
-        self.buffer = KVBuffer(self.info.num_kv_heads, self.info.head_dim, self.info.dtype)  # the block goes back
+        self.buffer = KVBuffer(  # the block goes back
+            self.info.num_kv_heads, self.info.head_dim, self.info.dtype, kv_format=self.info.kv_dtype
+        )
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.ragged is None:

@@ -137,7 +137,7 @@ class ContextMemoryLayer(TierLayer):
         super().__init__(info)
         self.policy = policy
         hkv, d, dtype = info.num_kv_heads, info.head_dim, info.dtype
-        self.local = KVBuffer(hkv, d, dtype, score_rows=info.num_heads)
+        self.local = KVBuffer(hkv, d, dtype, score_rows=info.num_heads, kv_format=info.kv_dtype)
         self.graduated = 0  # tokens at positions below this have left the local window
         self.init_k = torch.empty(1, hkv, 0, d, dtype=dtype)
         self.init_v = torch.empty(1, hkv, 0, d, dtype=dtype)
@@ -162,7 +162,7 @@ class ContextMemoryLayer(TierLayer):
         if store.config.allocator != "grow":
             info = self.info
             self.local = make_buffer(
-                store.config.allocator, info.num_kv_heads, info.head_dim, info.dtype, info.num_heads
+                store.config.allocator, info.num_kv_heads, info.head_dim, info.dtype, info.num_heads, info.kv_dtype
             )
 
     def plan(self, context_tokens: int, total_tokens: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:

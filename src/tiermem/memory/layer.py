@@ -16,6 +16,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from tiermem.kvstore import make_buffer
 from tiermem.kvstore.dense import KVBuffer
+from tiermem.kvstore.quant_attention import int8_attention
 from tiermem.layer_info import LayerInfo
 from tiermem.rope import apply_rope
 
@@ -42,6 +43,26 @@ def attention(
     if info.softcap is not None:
         return _softcapped_attention(q, keys, values, mask, info)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=info.scaling, enable_gqa=True)
+
+
+def buffer_attention(
+    q: torch.Tensor, buffer: KVBuffer, q_pos: torch.Tensor, info: LayerInfo, k_pos: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`attention` of ``q`` (1, Hq, T, D) over everything ``buffer`` holds, read in its storage format;
+    ``k_pos`` (S,) overrides the buffer's positions for masking (default: its first head's).
+
+    Rows stored as computed go straight to SDPA; rows in another float dtype are attended in that dtype (``q`` is
+    cast to it, as llama.cpp converts Q to its F16 cache's type), so the cache is never widened; int8 rows are
+    decoded a chunk at a time (:func:`tiermem.kvstore.quant_attention.int8_attention`).
+    """
+    keys, values, positions = buffer.stored()
+    k_pos = positions[0] if k_pos is None else k_pos
+    fmt = buffer.format
+    if fmt.plain:
+        return attention(q, keys, values, q_pos, k_pos, info)
+    if fmt.quantized:
+        return int8_attention(q, keys, values, fmt, q_pos, k_pos, info)
+    return attention(q.to(keys.dtype), keys, values, q_pos, k_pos, info).to(q.dtype)
 
 
 def _softcapped_attention(
@@ -175,7 +196,7 @@ class DenseLayer(TierLayer):
 
     def __init__(self, info: LayerInfo):
         super().__init__(info)
-        self.buffer = KVBuffer(info.num_kv_heads, info.head_dim, info.dtype)
+        self.buffer = KVBuffer(info.num_kv_heads, info.head_dim, info.dtype, kv_format=info.kv_dtype)
 
     def plan(self, context_tokens: int, total_tokens: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
         super().plan(context_tokens, total_tokens, chunk_tokens)
@@ -200,8 +221,7 @@ class DenseLayer(TierLayer):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, q_pos = self.append_rotated(q, k, v)
-        keys, values, k_pos = self.buffer.view()
-        out = attention(q, keys, values, q_pos, k_pos[0], self.info)
+        out = buffer_attention(q, self.buffer, q_pos, self.info)
         self.after_attend(q)
         return out
 
@@ -218,7 +238,11 @@ class DenseLayer(TierLayer):
         if store.config.allocator != "grow":  # before any token arrives, swap in the chosen kind of buffer
             assert self.buffer.length == 0
             self.buffer = make_buffer(
-                store.config.allocator, self.info.num_kv_heads, self.info.head_dim, self.info.dtype
+                store.config.allocator,
+                self.info.num_kv_heads,
+                self.info.head_dim,
+                self.info.dtype,
+                kv_format=self.info.kv_dtype,
             )
 
     def kv_tokens(self) -> int:

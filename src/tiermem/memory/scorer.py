@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 from tiermem.errors import TiermemError
 from tiermem.layer_info import LayerInfo, describe_layers
 from tiermem.memory.base import BudgetedPolicy
-from tiermem.memory.layer import DEFAULT_CHUNK_TOKENS, DenseLayer, TierLayer, attention
+from tiermem.memory.layer import DEFAULT_CHUNK_TOKENS, DenseLayer, TierLayer, buffer_attention
 
 if TYPE_CHECKING:
     from tiermem.kvstore.blocks import BlockStore
@@ -128,11 +128,11 @@ class ScorerLayer(DenseLayer):
         if self.policy.needs_query_stats:
             self._add_query_stats(q)
         rotated, q_pos = self.append_rotated(q, k, v)
-        keys, values, k_pos = self.buffer.view()
-        if self.policy.needs_attention_sums:
+        if self.policy.needs_attention_sums:  # explicit probabilities over the decoded keys (prefill only)
+            keys, values, k_pos = self.buffer.view()
             out = self._attend_and_accumulate(rotated, keys, values, q_pos, k_pos[0])
         else:
-            out = attention(rotated, keys, values, q_pos, k_pos[0], self.info)
+            out = buffer_attention(rotated, self.buffer, q_pos, self.info)
         w = self.policy.query_window()
         if w:
             recent = rotated if self.window_queries is None else torch.cat([self.window_queries, rotated], dim=2)

@@ -8,7 +8,7 @@ import torch
 
 from tiermem.layer_info import LayerInfo
 from tiermem.memory.base import BudgetedPolicy
-from tiermem.memory.layer import DEFAULT_CHUNK_TOKENS, DenseLayer, TierLayer, attention
+from tiermem.memory.layer import DEFAULT_CHUNK_TOKENS, DenseLayer, TierLayer, buffer_attention
 from tiermem.rope import apply_rope
 
 
@@ -90,11 +90,10 @@ class StreamingLayer(DenseLayer):
         if self.sink_keys is not None and self.policy.rerotate and start >= n_sink:
             self._place_sinks()
         q, q_pos = self.append_rotated(q, k, v)
-        keys, values, positions = self.buffer.view()
-        k_pos = positions[0]
+        k_pos = self.buffer.positions[0, : self.buffer.length]
         evicted = (k_pos >= n_sink) & (k_pos < self.window_start)
         k_pos = k_pos.masked_fill(evicted, torch.iinfo(torch.long).max)  # invisible to every query
-        out = attention(q, keys, values, q_pos, k_pos, self.info)
+        out = buffer_attention(q, self.buffer, q_pos, self.info, k_pos)
         if self.evicting:
             self._evict()
         return out
@@ -106,7 +105,7 @@ class StreamingLayer(DenseLayer):
         n_sink = self.policy.n_sink
         first = max(self.window_start, n_sink) - n_sink
         cos, sin = self.info.rope.cos_sin(torch.arange(first, first + n_sink))
-        self.buffer.keys[:, :, :n_sink] = apply_rope(self.sink_keys, cos, sin)
+        self.buffer.write_keys(0, apply_rope(self.sink_keys, cos, sin))
 
     def _evict(self) -> None:
         """Move the window to the last ``budget - n_sink`` tokens; compact once ``slack`` tokens are dead."""

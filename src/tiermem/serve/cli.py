@@ -48,7 +48,9 @@ def build(args: argparse.Namespace, session_store: Any = None, response_store: A
     the store classes (``--ray`` replicas share a folder: :mod:`tiermem.serve.shared_sessions`)."""
     from tiermem.cache import TierCache
     from tiermem.cli import make_policy
+    from tiermem.cli_args import load_options
     from tiermem.errors import TiermemError
+    from tiermem.kvstore.blocks import StoreConfig
     from tiermem.models import DTYPES, cache_root, load
     from tiermem.serve.app import ServeOptions, create_app
     from tiermem.serve.metrics import Metrics
@@ -62,14 +64,16 @@ def build(args: argparse.Namespace, session_store: Any = None, response_store: A
     if not 0 < args.port < 65536:
         raise TiermemError(f"--port must be in 1..65535, got {args.port}")
     policy = make_policy(args.policy, args.kv_budget, args.compression_ratio, args.policy_opt)
-    lm = load(args.model, dtype=args.dtype)
+    lm = load(args.model, **load_options(args))
     key = {"model": source_fingerprint(lm.source, DTYPES[args.dtype]), "policy": repr(policy), "dtype": args.dtype}
+    if args.weights_quant != "none" or args.kv_dtype != "auto":  # a session never crosses number formats
+        key |= {"weights": lm.weights_format, "kv_dtype": args.kv_dtype}
     folder = Path(args.sessions_dir) if args.sessions_dir else cache_root() / "sessions"
     if folder.exists() and not folder.is_dir():
         raise TiermemError(f"--sessions-dir '{folder}' is not a folder")
 
     def make_cache() -> TierCache:
-        return TierCache(lm.model, policy, tokenizer=lm.tokenizer)
+        return TierCache(lm.model, policy, StoreConfig(kv_dtype=args.kv_dtype), tokenizer=lm.tokenizer)
 
     make_cache().close()  # a policy that cannot build a cache (e.g. one that picks a policy per prompt) fails here
     store = (session_store or SessionStore)(folder, key, make_cache, args.kv_memory, args.sessions_disk, args.durable)

@@ -82,6 +82,7 @@ class _Encoder:
                     "heads": obj.num_heads,
                     "head_dim": obj.head_dim,
                     "dtype": str(obj.dtype).removeprefix("torch."),
+                    "kv_format": obj.format.name,  # rows are saved as stored (int8 rows with their scales)
                     "length": n,
                     "capacity": obj.capacity,
                     "peak_nbytes": obj.peak_nbytes,
@@ -149,7 +150,8 @@ def _decode(enc: Any, tensors: dict[str, torch.Tensor], current: Any, path: str)
         if not isinstance(current, KVBuffer):  # created lazily by the layer: make one of the saved class
             cls = _class(body["class"], path)
             rows = tensors[body["scores"]["t"]].shape[0] if body["scores"]["t"] in tensors else 0
-            current = cls(int(body["heads"]), int(body["head_dim"]), getattr(torch, body["dtype"]), score_rows=rows)
+            dtype, fmt = getattr(torch, body["dtype"]), body.get("kv_format")
+            current = cls(int(body["heads"]), int(body["head_dim"]), dtype, score_rows=rows, kv_format=fmt)
         _fill_buffer(current, body, tensors, path)
         return current
     if kind == "object":
@@ -164,7 +166,8 @@ def _fill_buffer(buffer: KVBuffer, body: dict[str, Any], tensors: dict[str, torc
     n = int(body["length"])
     keys, values = _decode(body["keys"], tensors, None, path), _decode(body["values"], tensors, None, path)
     positions, scores = _decode(body["positions"], tensors, None, path), _decode(body["scores"], tensors, None, path)
-    if keys.shape != (1, buffer.num_heads, n, buffer.head_dim) or scores.shape[0] != buffer.scores.shape[0]:
+    fits = keys.shape == (1, buffer.num_heads, n, buffer.row_width) and keys.dtype == buffer.keys.dtype
+    if not fits or scores.shape[0] != buffer.scores.shape[0]:
         raise StateError(f"session state at {path} has shapes that do not fit this model")
     buffer.length = 0
     buffer.reserve(max(int(body["capacity"]), n))

@@ -1,0 +1,67 @@
+"""Attention over int8 K/V rows without widening the whole cache: chunks decoded one at a time, merged online.
+
+Keys and values stay int8 (:mod:`tiermem.kvstore.quant`). Each chunk of at most ``chunk_tokens`` tokens is converted
+to float32 and its per-token scales are folded in where they cost least: the key scales multiply the chunk's logits
+(``q . (s_k k) = s_k (q . k)``) and the value scales multiply the probabilities (``sum_j p_j s_j v_j``), so no
+scaled copy of a chunk is made. Chunks are merged by the running maximum and sum of the softmax (the online softmax
+of FlashAttention), so the result equals one softmax over all keys. Arithmetic is float32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tiermem.kvstore.quant import KVFormat
+from tiermem.layer_info import LayerInfo
+
+MAX_CHUNK_TOKENS = 8192  # a decode step at 8k reads one chunk: 2 x Hkv x 8192 x D float32 (12 MiB for SmolLM2)
+LOGITS_BUDGET = 1 << 22  # float32 logits per chunk at most (16 MiB): long prefill chunks take fewer keys per step
+
+
+def chunk_tokens_for(num_heads: int, queries: int) -> int:
+    """Keys per chunk: as many as the logits budget allows for ``num_heads x queries`` query rows."""
+    return max(256, min(MAX_CHUNK_TOKENS, LOGITS_BUDGET // max(num_heads * queries, 1)))
+
+
+def int8_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    fmt: KVFormat,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    info: LayerInfo,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention of ``q`` (1, Hq, T, D) over int8 rows ``keys``/``values`` (1, Hkv, S, D + 4),
+    with GQA, causal and sliding-window masking by position (``q_pos`` (T,), ``k_pos`` (S,)) and soft-capping, as
+    :func:`tiermem.memory.layer.attention`. Returns (1, Hq, T, D) in ``q``'s dtype."""
+    _, hq, t, d = q.shape
+    hkv, g, s = info.num_kv_heads, info.group_size, keys.shape[2]
+    chunk = chunk_tokens or chunk_tokens_for(hq, t)
+    grouped = q.float().reshape(1, hkv, g * t, d)  # query heads of one KV head are adjacent (GQA's layout)
+    running_max = torch.full((1, hkv, g * t, 1), float("-inf"))
+    running_sum = torch.zeros(1, hkv, g * t, 1)
+    acc = torch.zeros(1, hkv, g * t, d)
+    for start in range(0, s, chunk):
+        end = min(s, start + chunk)
+        k_int, k_scale = fmt.split(keys[:, :, start:end])  # (1, Hkv, C, D) int8, (1, Hkv, C, 1) float32
+        v_int, v_scale = fmt.split(values[:, :, start:end])
+        logits = grouped @ k_int.to(torch.float32).transpose(-1, -2)  # (1, Hkv, G*T, C)
+        logits = logits * (k_scale.transpose(-1, -2) * info.scaling)
+        if info.softcap is not None:
+            logits = torch.tanh(logits / info.softcap) * info.softcap
+        kp = k_pos[start:end]
+        visible = kp[None, :] <= q_pos[:, None]  # (T, C)
+        if info.sliding_window is not None:
+            visible &= kp[None, :] > q_pos[:, None] - info.sliding_window
+        if not bool(visible.all()):
+            logits = logits.view(1, hkv, g, t, -1).masked_fill(~visible, float("-inf")).view(1, hkv, g * t, -1)
+        new_max = torch.maximum(running_max, logits.amax(dim=-1, keepdim=True))
+        shift = new_max.masked_fill(new_max == float("-inf"), 0.0)  # rows that saw no visible key yet
+        probs = torch.exp(logits - shift)
+        correction = torch.exp(running_max - shift)
+        running_sum = running_sum * correction + probs.sum(dim=-1, keepdim=True)
+        acc = acc * correction + (probs * v_scale.transpose(-1, -2)) @ v_int.to(torch.float32)
+        running_max = new_max
+    return (acc / running_sum).view(1, hq, t, d).to(q.dtype)

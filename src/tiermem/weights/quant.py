@@ -1,0 +1,182 @@
+"""Weight-only quantization as a model transformation (gpt-fast's ``quantize.py`` style).
+
+:func:`quantize_weights` swaps every ``nn.Linear`` of a plain HF model for a quantized module in place; the model
+code never learns about it. The matmuls run on the CPU kernels PyTorch ships (torch 2.13):
+
+- ``int8``: symmetric, one scale per output channel (gpt-fast's ``WeightOnlyInt8QuantHandler``),
+  ``y = (x @ Wq.T) * s`` by ``aten._weight_int8pack_mm``.
+- ``int4``: asymmetric, one scale and zero point per ``group_size`` input columns of each output row (gpt-fast's
+  ``WeightOnlyInt4QuantHandler``: ``scale = (max - min) / 15``, ``zero = min + 8 * scale``), packed by
+  ``aten._convert_weight_to_int4pack_for_cpu`` and multiplied by ``aten._weight_int4pack_mm_for_cpu``.
+
+Departures from gpt-fast: int8 clamps to [-127, 127] (symmetric, so -W quantizes to -Wq); int4 pads a row whose
+length is not a multiple of the group with zero columns (gpt-fast pads to a multiple of 1024 for its CUDA tiles;
+the CPU kernel only needs whole groups), and ``x`` is padded to match at run time. The LM head is quantized too (as
+gpt-fast does), but to int8 under ``int4``: llama.cpp's 4-bit presets keep ``output.weight`` at 6-8 bits, and the
+bundled SmolLM2 GGUF (Q4_1) holds its tied embedding table in Q8_0; a 4-bit head cost +7-8% perplexity where int8
+costs +0.5% (BENCHMARKS.md). With tied embeddings the table stays in float for the lookup, so the head's quantized
+copy is extra memory there (counted in :class:`QuantReport`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tiermem.errors import TiermemError
+
+WEIGHT_QUANTS = ("none", "int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+DEFAULT_INT4_GROUP = 32  # gpt-fast's command-line default; 128 is coarser and cannot split SmolLM2's 576 evenly
+
+
+def quantize_int8(weight: torch.Tensor, param_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8: ``weight`` (N, K) float -> int8 (N, K) and scales (N,) in
+    ``param_dtype`` (the kernel's activation dtype), with ``weight ~= q * scales[:, None]``; codes are rounded
+    against the scales as stored."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).to(param_dtype).float()
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(
+    weight: torch.Tensor, group_size: int, param_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-wise asymmetric 4-bit: ``weight`` (N, K) with K a multiple of ``group_size`` -> codes (N, K) int32 in
+    0..15, scales and zero points (N, K / group_size), with ``w ~= (q - 8) * scale + zero``.
+
+    Scales and zeros are rounded to ``param_dtype`` (the kernel reads them in the activations' dtype) before the
+    codes are chosen, and the codes are rounded against the rounded values. gpt-fast rounds the codes against the
+    float32 values and casts after; in bfloat16 the zero point (about the group's mean) then moves by up to 2^-9 of
+    its size, which can be a sizeable part of a 4-bit step for a narrow group far from zero.
+    """
+    n, k = weight.shape
+    w = weight.detach().float().view(n, k // group_size, group_size)
+    low, high = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
+    scales = ((high - low) / 15).clamp(min=1e-6).to(param_dtype).float()  # gpt-fast's floor: constant groups
+    zeros = (low + 8 * scales).to(param_dtype).float()  # the kernel computes (q - 8) * scale + zero
+    q = torch.round((w - zeros) / scales + 8).clamp(0, 15).to(torch.int32).view(n, k)
+    return q, scales.squeeze(-1), zeros.squeeze(-1)
+
+
+def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The float (N, K) weight that :func:`quantize_int4`'s codes stand for (the reference for tests)."""
+    n, k = q.shape
+    w = (q.view(n, k // group_size, group_size).float() - 8) * scales[..., None] + zeros[..., None]
+    return w.view(n, k)
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """``nn.Linear`` with int8 weights (N, K) and per-output-channel scales (N,); activations stay in float."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        dtype = linear.weight.dtype
+        q, scales = quantize_int8(linear.weight, dtype)
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", scales.to(dtype))  # the kernel wants scales in the activations' dtype
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (..., K) -> (..., N)."""
+        flat = x.reshape(-1, self.in_features)
+        out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales.to(x.dtype))
+        out = out.view(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    """``nn.Linear`` with 4-bit weights packed for the CPU kernel, one scale and zero per ``group_size`` inputs."""
+
+    def __init__(self, linear: nn.Linear, group_size: int):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
+        self.padded_in = -(-self.in_features // group_size) * group_size
+        weight = linear.weight.detach()
+        if self.padded_in != self.in_features:  # zero columns meet zero-padded inputs: they add nothing
+            weight = F.pad(weight, (0, self.padded_in - self.in_features))
+        dtype = linear.weight.dtype
+        q, scales, zeros = quantize_int4(weight, group_size, dtype)
+        # The CPU packer ignores the tile argument (it packs two codes per byte, row-major): (N, K / 2) uint8.
+        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        # (K / group, N, 2): scale and zero of each group, the layout the kernel reads.
+        pairs = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+        self.register_buffer("scales_and_zeros", pairs.to(dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (..., K) -> (..., N)."""
+        flat = x.reshape(-1, self.in_features)
+        if self.padded_in != self.in_features:
+            flat = F.pad(flat, (0, self.padded_in - self.in_features))
+        pairs = self.scales_and_zeros.to(x.dtype)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, pairs)
+        out = out.view(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group_size}"
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    """What :func:`quantize_weights` did: the format, how many Linear modules it swapped, and their weight bytes
+    before and after (scales and zero points included)."""
+
+    mode: str
+    group_size: int | None
+    modules: int
+    bytes_before: int
+    bytes_after: int
+
+    @property
+    def label(self) -> str:
+        """``none``, ``int8`` or ``int4-g32``: the name the cost summary and ``--json`` print."""
+        return f"int4-g{self.group_size}" if self.mode == "int4" else self.mode
+
+
+def _tensor_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def check_weight_quant(mode: str, group_size: int) -> None:
+    """One-line errors for a bad ``--weights-quant`` or group size."""
+    if mode not in WEIGHT_QUANTS:
+        raise TiermemError(f"unknown weight quantization '{mode}': use one of {', '.join(WEIGHT_QUANTS)}")
+    if mode == "int4" and group_size not in INT4_GROUP_SIZES:
+        sizes = ", ".join(map(str, INT4_GROUP_SIZES))
+        raise TiermemError(f"int4 group size must be one of {sizes}, got {group_size}")
+
+
+def quantize_weights(model: nn.Module, mode: str, group_size: int = DEFAULT_INT4_GROUP) -> QuantReport:
+    """Replace every ``nn.Linear`` in ``model`` by its ``mode`` quantized form, in place (``none``: nothing)."""
+    check_weight_quant(mode, group_size)
+    if mode == "none":
+        return QuantReport("none", None, 0, 0, 0)
+    if any(p.dtype not in (torch.float32, torch.bfloat16) for p in model.parameters()):
+        raise TiermemError(f"--weights-quant {mode} needs --dtype float32 or bfloat16 (the kernels' activations)")
+    before = after = count = 0
+    get_head = getattr(model, "get_output_embeddings", None)  # an HF model's LM head; None for other modules
+    head = get_head() if callable(get_head) else None
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            swapped: nn.Module
+            if mode == "int8" or child is head:
+                swapped = Int8WeightOnlyLinear(child)
+            else:
+                swapped = Int4WeightOnlyLinear(child, group_size)
+            before += _tensor_bytes(child)
+            after += _tensor_bytes(swapped)
+            count += 1
+            setattr(parent, name, swapped)
+    return QuantReport(mode, group_size if mode == "int4" else None, count, before, after)
