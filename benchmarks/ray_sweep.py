@@ -9,7 +9,8 @@ Reported:
 - wall time of each run and their ratio; Ray's start-up (``ray.init``) apart;
 - overhead: wall x workers - the seconds the rows spent in prefill and decode, per task (model loads, worker
   start-up, prompt building, scheduling); the same for the local run (per sample), so the two compare;
-- the round trip of an empty Ray task (scheduling alone).
+- the round trip of an empty Ray task (scheduling alone), and a fresh worker's first task (importing tiermem and
+  loading the model: paid once per worker process; ``--cold-start-only`` measures just that).
 
 On a shared 2-core machine no speedup is expected: Ray's 2 workers compete with each other and with whatever else
 runs (the load average is printed). Run::
@@ -62,12 +63,38 @@ def empty_task_seconds(count: int = 50) -> float:
     return (time.perf_counter() - start) / count
 
 
+def cold_start_seconds(model: str) -> dict[str, float]:
+    """What a fresh worker pays before its first sample: the round trip of a task in a new worker process
+    (``max_calls=1``) that imports tiermem and loads the model, and the load alone inside it."""
+    import ray
+
+    @ray.remote(num_cpus=1, max_calls=1)
+    def first_task(name: str) -> float:
+        begin = time.perf_counter()
+        from tiermem.models import load
+
+        load(name)
+        return time.perf_counter() - begin
+
+    start = time.perf_counter()
+    inside = ray.get(first_task.remote(model))
+    return {"fresh_worker_first_task_s": round(time.perf_counter() - start, 2), "import_and_load_s": round(inside, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--lengths", default="1024,2048")
     parser.add_argument("--out", type=Path, default=Path("bench-out/ray-sweep"))
+    parser.add_argument("--cold-start-only", action="store_true", help="measure a fresh worker's first task only")
     args = parser.parse_args()
+    if args.cold_start_only:
+        cluster = connect(None, num_cpus=2)
+        try:
+            print(json.dumps(cold_start_seconds(args.model) | {"load_average": os.getloadavg()}))
+        finally:
+            disconnect(cluster)
+        return
     config = sweep(args.model, [int(x) for x in args.lengths.split(",")])
     for sub in ("local", "ray"):
         shutil.rmtree(args.out / sub, ignore_errors=True)
@@ -85,6 +112,7 @@ def main() -> None:
         remote = run_bench_ray(config, args.out / "ray")
         ray_wall = time.perf_counter() - start
         empty = empty_task_seconds()
+        cold = cold_start_seconds(args.model)
     finally:
         disconnect(cluster)
 
@@ -107,6 +135,7 @@ def main() -> None:
         "local_overhead_per_sample_s": round((local_wall - busy_seconds(local)) / samples, 2),
         "ray_overhead_per_task_s": round((ray_wall * 2 - busy_seconds(remote)) / samples, 2),
         "empty_task_round_trip_ms": round(empty * 1e3, 2),
+        **cold,
         "load_average_at_start": [round(x, 1) for x in load],
         "load_average_at_end": [round(x, 1) for x in os.getloadavg()],
     }

@@ -2,8 +2,8 @@
 
 :class:`SessionStore` indexes its folder once, at start-up; a replica that takes over a conversation from a
 replica that died (or was scaled down, or lost the conversation's hash range to a new replica) must see the files
-written since. :class:`SharedSessionStore` looks at the folder before each turn: when the listing changed (a name
-or a modification time), it indexes again and merges:
+written since. :class:`SharedSessionStore` looks at the folder before each lookup of a turn's session (``match``):
+when the listing changed (a name or a modification time), it indexes again and merges:
 
 - a file this store does not know: another server's session, indexed on disk (restored on its turn, checksummed);
 - a known session whose file another server rewrote: this store's RAM copy is older than the file, so it is
@@ -71,9 +71,9 @@ class SharedSessionStore(SessionStore):
             sessions.clear()
             sessions.update(merged)
 
-    def acquire(self, *args: Any, **kwargs: Any) -> Any:
-        self.refresh()
-        return super().acquire(*args, **kwargs)
+    def match(self, *args: Any, **kwargs: Any) -> Any:
+        self.refresh()  # every lookup of a turn's session starts here (the worker's and acquire's own)
+        return super().match(*args, **kwargs)
 
     def save(self, session: Any) -> None:
         super().save(session)
