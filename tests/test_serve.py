@@ -189,7 +189,6 @@ def test_stop_string_cuts_and_is_never_streamed(served: Served) -> None:
         ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
         ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-9"}, 404, "model"),
-        ({"messages": [{"role": "user", "content": "x" * 3000}], "max_tokens": 8}, 400, "messages"),
     ],
 )
 def test_bad_requests_are_openai_errors(served: Served, body: dict[str, Any], status: int, param: str) -> None:
@@ -199,8 +198,6 @@ def test_bad_requests_are_openai_errors(served: Served, body: dict[str, Any], st
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == param
-    if "x" * 3000 in json.dumps(body):
-        assert error["code"] == "context_length_exceeded"
 
 
 def test_malformed_bodies_and_paths(served: Served) -> None:

@@ -20,10 +20,12 @@ import torch
 from tests.test_serve import ask, free_port, serving, with_role_template
 from tiermem.cache import TierCache
 from tiermem.errors import TiermemError
+from tiermem.layer_info import describe_layers
 from tiermem.memory import registry
 from tiermem.memory.base import Policy
 from tiermem.models import LoadedModel, load
 from tiermem.serve.metrics import Metrics
+from tiermem.serve.policies import SessionPolicies
 from tiermem.serve.schemas import ApiError
 from tiermem.serve.sessions import SUFFIX, SessionStore
 from tiermem.serve.state import StateError, cache_state
@@ -62,12 +64,22 @@ def lm(tiny_model_dir: Path) -> LoadedModel:
     return load(str(tiny_model_dir))
 
 
-def make_worker(lm: LoadedModel, policy: Policy, folder: Path, kv_memory: int | None = None, **kw: Any) -> ModelWorker:
-    def make_cache() -> TierCache:
-        return TierCache(lm.model, policy, tokenizer=lm.tokenizer)
+def make_worker(
+    lm: LoadedModel,
+    policy: Policy,
+    folder: Path,
+    kv_memory: int | None = None,
+    choose_memory: int | None = None,
+    **kw: Any,
+) -> ModelWorker:
+    """A worker and its store; ``choose_memory`` is the KV memory auto weighs (the server passes ``kv_memory``)."""
+
+    def make_cache(chosen: Policy) -> TierCache:
+        return TierCache(lm.model, chosen, tokenizer=lm.tokenizer)
 
     key = {"model": "tiny", "policy": repr(policy), "dtype": "float32"}
-    return ModelWorker(lm, policy, SessionStore(folder, key, make_cache, kv_memory, **kw), Metrics())
+    policies = SessionPolicies(policy, describe_layers(lm.model), choose_memory)
+    return ModelWorker(lm, SessionStore(folder, key, policies, make_cache, kv_memory, **kw), Metrics())
 
 
 def run_turn(worker: ModelWorker, prompt: list[int], max_tokens: int = 6, owner: str = "") -> dict[str, Any]:

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any, NoReturn
 
-from tiermem.cli_args import add_dtype_arg, add_generation_args, generation_config, load_options
+from tiermem.cli_args import add_generation_args, add_model_args, add_policy_args, generation_config, load_options
 from tiermem.errors import TiermemError
 from tiermem.units import parse_size, parse_tokens, read_text_file
 
@@ -45,8 +45,7 @@ def make_policy(name: str, kv_budget: int | None, compression_ratio: float | Non
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="smollm2, gemma3-270m, a local HF folder or a .gguf file")
-    add_dtype_arg(parser)
+    add_model_args(parser)
 
 
 def _add_weight_args(parser: argparse.ArgumentParser) -> None:
@@ -91,15 +90,7 @@ def stream_config(args: argparse.Namespace) -> Any:
 
 
 def _add_policy_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--policy",
-        default="auto",
-        help="policy name (default auto: the best measured), with options: snapkv:window_size=64",
-    )
-    budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--kv-budget", type=parse_tokens, help="KV tokens kept per layer (e.g. 512)")
-    budget.add_argument("--compression-ratio", type=float, help="fraction of the context removed (kvpress style)")
-    parser.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE", help="a policy field")
+    add_policy_args(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,6 +38,26 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"dtype": args.dtype, "weights_quant": args.weights_quant, "quant_group": args.quant_group}
 
 
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--dtype``."""
+    parser.add_argument("--model", default="smollm2", help="smollm2, gemma3-270m, a local HF folder or a .gguf file")
+    add_dtype_arg(parser)
+
+
+def add_policy_args(parser: argparse.ArgumentParser, compressed: str = "the context") -> None:
+    """``--policy`` (default auto), its budget (``--kv-budget`` or ``--compression-ratio``) and ``--policy-opt``;
+    ``compressed`` names what a compression ratio applies to, in the help."""
+    parser.add_argument(
+        "--policy",
+        default="auto",
+        help="policy name (default auto: the best measured), with options: snapkv:window_size=64",
+    )
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--kv-budget", type=parse_tokens, help="KV tokens kept per layer (e.g. 512)")
+    budget.add_argument("--compression-ratio", type=float, help=f"fraction of {compressed} removed (kvpress style)")
+    parser.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE", help="a policy field")
+
+
 def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int | None) -> None:
     """The flags of :class:`GenerationConfig` and its :class:`StoreConfig`, plus the prompt style
     (``max_new_tokens=None``: the command picks a default per task)."""

@@ -1,4 +1,8 @@
-"""``tiermem serve``: its arguments, and building the server from them."""
+"""``tiermem serve``: its arguments, and building the server from them.
+
+The model and policy flags are the ones ``tiermem generate`` takes (:mod:`tiermem.cli_args`), so ``--policy``
+defaults to ``auto`` here too: each session gets the policy auto picks for its first prompt.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +17,12 @@ DEFAULT_PORT = 8000
 
 def add_serve_parser(sub: Any) -> None:
     """Add the ``serve`` subcommand to the ``tiermem`` subparsers."""
-    from tiermem.cli import _add_model_args, parse_size, parse_tokens
+    from tiermem.cli_args import add_model_args, add_policy_args
+    from tiermem.units import parse_size, parse_tokens
 
     serve = sub.add_parser("serve", help="OpenAI-compatible server whose chat sessions keep their KV memory")
-    _add_model_args(serve)
-    serve.add_argument("--policy", default="full", help="KV policy (with options: snapkv:window_size=64)")
-    budget = serve.add_mutually_exclusive_group()
-    budget.add_argument("--kv-budget", type=parse_tokens, help="KV tokens kept per layer (budgeted policies)")
-    budget.add_argument("--compression-ratio", type=float, help="fraction of the first prompt removed")
-    serve.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE", help="a policy field")
+    add_model_args(serve)
+    add_policy_args(serve, compressed="each turn's memory")
     serve.add_argument("--kv-memory", type=parse_size, help="KV bytes of all sessions in RAM, e.g. 2GB (rest on disk)")
     serve.add_argument("--sessions-dir", help="session files (default: the tiermem cache's sessions folder)")
     serve.add_argument("--sessions-disk", type=parse_size, help="bytes of session files kept at most, e.g. 20GB")
@@ -29,6 +30,12 @@ def add_serve_parser(sub: Any) -> None:
     durable.add_argument("--durable", dest="durable", action="store_true", default=True, help="(default)")
     durable.add_argument(
         "--no-durable", dest="durable", action="store_false", help="write sessions only when spilled or at exit"
+    )
+    serve.add_argument(
+        "--session-memory",
+        default="on",
+        choices=["on", "off"],
+        help="off: every turn re-reads its whole prompt and nothing is kept (a baseline for benchmarks)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT)
@@ -51,9 +58,12 @@ def build(args: argparse.Namespace, session_store: Any = None, response_store: A
     from tiermem.cli_args import load_options
     from tiermem.errors import TiermemError
     from tiermem.kvstore.blocks import StoreConfig
+    from tiermem.layer_info import describe_layers
+    from tiermem.memory.base import Policy
     from tiermem.models import DTYPES, cache_root, load
     from tiermem.serve.app import ServeOptions, create_app
     from tiermem.serve.metrics import Metrics
+    from tiermem.serve.policies import SessionPolicies
     from tiermem.serve.responses import ResponseStore
     from tiermem.serve.sessions import SessionStore
     from tiermem.serve.worker import ModelWorker
@@ -72,13 +82,20 @@ def build(args: argparse.Namespace, session_store: Any = None, response_store: A
     if folder.exists() and not folder.is_dir():
         raise TiermemError(f"--sessions-dir '{folder}' is not a folder")
 
-    def make_cache() -> TierCache:
+    def make_cache(policy: Policy) -> TierCache:
         return TierCache(lm.model, policy, StoreConfig(kv_dtype=args.kv_dtype), tokenizer=lm.tokenizer)
 
-    make_cache().close()  # a policy that cannot build a cache (e.g. one that picks a policy per prompt) fails here
-    store = (session_store or SessionStore)(folder, key, make_cache, args.kv_memory, args.sessions_disk, args.durable)
+    policies = SessionPolicies(policy, describe_layers(lm.model, args.kv_dtype), args.kv_memory)
+    if not policies.auto:
+        make_cache(policy).close()  # a policy that cannot build a cache fails here, not at the first request
+    store = (session_store or SessionStore)(
+        folder, key, policies, make_cache, args.kv_memory, args.sessions_disk, args.durable
+    )
     metrics = Metrics()
-    worker = ModelWorker(lm, policy, store, metrics, args.max_queue, args.chunk_size, args.max_tokens, args.max_batch)
+    worker = ModelWorker(
+        lm, store, metrics, args.max_queue, args.chunk_size, args.max_tokens, args.max_batch,
+        session_memory=args.session_memory == "on",
+    )  # fmt: skip
     name = args.served_model_name or args.model
     options = ServeOptions(model_id=name, api_keys=tuple(args.api_key))
     return create_app(worker, metrics, options, (response_store or ResponseStore)(folder, args.durable))

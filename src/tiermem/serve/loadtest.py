@@ -5,6 +5,9 @@
 Per turn it records the prompt and cached tokens the server reports, the time to the first streamed token and the
 turn's total time; it prints one JSON line per turn and a summary by turn index (medians over chats), so one sees
 whether a turn's cost follows its new tokens (reuse) or its whole history. Needs the ``openai`` client (dev extra).
+
+``--prose N`` makes each user message N news articles of real prose (the Lee corpus, :mod:`tiermem.bench.haystack`)
+and a request for a one-sentence summary, so a 20-turn chat with ``--prose 2`` passes 8k tokens of history.
 """
 
 from __future__ import annotations
@@ -22,20 +25,35 @@ TEXT += " retrieval context answer question number river mountain city garden le
 WORDS = TEXT.split(" ")
 
 
-async def chat(client: Any, model: str, index: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+def user_message(rng: random.Random, turn: int, args: argparse.Namespace) -> str:
+    """Turn ``turn``'s user message: random words, or ``args.prose`` news articles to summarize."""
+    if not getattr(args, "prose", 0):
+        words = " ".join(rng.choice(WORDS) for _ in range(args.words))
+        return f"Note {turn}: {words}. Reply briefly."
+    from tiermem.bench.haystack import prose_documents
+
+    documents = prose_documents()
+    picked = [" ".join(documents[rng.randrange(len(documents))]) for _ in range(args.prose)]
+    return "Here is the news:\n\n" + "\n\n".join(picked) + "\n\nSummarize it in one sentence."
+
+
+async def chat(
+    client: Any, model: str, index: int, args: argparse.Namespace, transcript: list[dict[str, str]] | None = None
+) -> list[dict[str, Any]]:
+    """One conversation of ``args.turns`` turns; its messages are appended to ``transcript`` when given."""
     rng = random.Random(args.seed + index)
-    messages: list[dict[str, str]] = [{"role": "system", "content": "You are a concise assistant."}]
+    messages = transcript if transcript is not None else []
+    messages.append({"role": "system", "content": "You are a concise assistant."})
     records = []
     for turn in range(args.turns):
-        words = " ".join(rng.choice(WORDS) for _ in range(args.words))
-        messages.append({"role": "user", "content": f"Note {turn}: {words}. Reply briefly."})
+        messages.append({"role": "user", "content": user_message(rng, turn, args)})
         began = time.perf_counter()
         first = None
         pieces: list[str] = []
         usage = None
         stream = await client.chat.completions.create(
             model=model, messages=messages, max_tokens=args.max_tokens, temperature=0, stream=True,
-            stream_options={"include_usage": True},
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": getattr(args, "ignore_eos", False)},
         )  # fmt: skip
         async for chunk in stream:
             if chunk.usage is not None:
@@ -105,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chats", type=int, default=4, help="concurrent conversations")
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--words", type=int, default=40, help="words per user message")
+    parser.add_argument("--prose", type=int, default=0, help="news articles per user message (0: random words)")
+    parser.add_argument("--ignore-eos", action="store_true", help="every answer is --max-tokens long")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     print(json.dumps({"summary": asyncio.run(run(parser.parse_args(argv)))}))

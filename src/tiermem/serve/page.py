@@ -1,7 +1,9 @@
 """The web page at ``/``: a chat with the served model and a live view of where the sessions' KV memory lives.
 
 One self-contained HTML document (no external scripts or styles, so it works offline). It streams replies from
-``/v1/chat/completions`` and polls ``/tiermem/status`` every two seconds.
+``/v1/chat/completions`` and polls ``/tiermem/status`` every two seconds. Under each reply: its prompt and cached
+tokens, the time to its first token and the turn's time (measured in the browser). ``tests/test_serve_page.py``
+drives it in a headless Chromium.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ $("form").onsubmit = async (event) => {
   line("user", "you: " + text);
   const out = line("assistant", "");
   const meta = line("meta", "");
+  const began = performance.now(); let first = null; let usage = "";
+  const timing = () => (first === null ? "" : `; first token ${Math.round(first - began)} ms`) +
+    `, turn ${Math.round(performance.now() - began)} ms`;
   try {
     const body = {model: await getModel(), messages, stream: true, stream_options: {include_usage: true}};
     const r = await fetch("/v1/chat/completions", {method: "POST", headers: headers(), body: JSON.stringify(body)});
@@ -77,13 +82,16 @@ $("form").onsubmit = async (event) => {
         if (chunk.error) { out.textContent += " [error: " + chunk.error.message + "]"; continue; }
         if (chunk.usage) {
           const u = chunk.usage;
-          meta.textContent = `prompt ${u.prompt_tokens} tokens (${u.prompt_tokens_details.cached_tokens} cached), ` +
+          usage = `prompt ${u.prompt_tokens} tokens (${u.prompt_tokens_details.cached_tokens} cached), ` +
             `reply ${u.completion_tokens}`;
         }
-        for (const c of chunk.choices || []) { if (c.delta && c.delta.content) { reply += c.delta.content; } }
+        for (const c of chunk.choices || []) {
+          if (c.delta && c.delta.content) { reply += c.delta.content; if (first === null) first = performance.now(); }
+        }
         out.textContent = "model: " + reply;
       }
     }
+    meta.textContent = usage + timing();
     messages.push({role: "assistant", content: reply});
   } catch (err) { out.textContent = "error: " + err.message; messages.pop(); }
 };
@@ -103,10 +111,10 @@ async function poll() {
       const disk = document.createElement("div");
       disk.textContent = `disk: ${s.sessions.disk} sessions, ${mib(s.bytes.disk)}; policy ${s.policy}`;
       $("tiers").append(ram, bar, disk);
-      const rows = s.yours.map((x) => `<tr><td>${x.id.slice(5, 13)}</td><td>${x.tokens}</td><td>${x.tier}</td>` +
-        `<td>${mib(x.ram_bytes)}</td><td>${mib(x.file_bytes)}</td></tr>`);
-      $("sessions").innerHTML = "<tr><th>id</th><th>tokens</th><th>tier</th><th>RAM</th><th>disk</th></tr>" +
-        rows.join("");
+      const rows = s.yours.map((x) => `<tr><td>${x.id.slice(5, 13)}</td><td>${x.policy}</td><td>${x.tokens}</td>` +
+        `<td>${x.tier}</td><td>${mib(x.ram_bytes)}</td><td>${mib(x.file_bytes)}</td></tr>`);
+      $("sessions").innerHTML = "<tr><th>id</th><th>policy</th><th>tokens</th><th>tier</th><th>RAM</th>" +
+        "<th>disk</th></tr>" + rows.join("");
     }
   } finally { setTimeout(poll, 2000); }
 }

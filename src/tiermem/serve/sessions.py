@@ -10,8 +10,10 @@ compared token by token (no hash stands in for the tokens). Then:
 - it diverges earlier (another conversation with the same start): a dense cache is copied, and the copy truncated;
 - a compressed cache cannot be truncated (what it dropped depended on the tokens after the cut): prefill anew.
 
-Every file carries the key (model fingerprint, ``repr`` of the policy with its parameters, dtype); files of another
-key are never indexed, so state is never reused across models, policies or dtypes.
+Every file carries the key (model fingerprint, ``repr`` of the server's policy with its parameters, dtype) and the
+policy the session runs under (the same, or the one ``--policy auto`` chose at its first turn, rebuilt and checked
+by ``repr`` on restore: :mod:`tiermem.serve.policies`); files of another key are never indexed, so state is never
+reused across models, policies or dtypes.
 
 Memory: ``kv_memory`` bounds the KV bytes of all sessions in RAM, checked after each turn: idle sessions are
 spilled to disk least recently used first and restored on their next turn. ``disk_limit`` bounds the session files;
@@ -36,12 +38,14 @@ import torch
 
 from tiermem.cache import TierCache
 from tiermem.errors import TiermemError
+from tiermem.memory.base import Policy
 from tiermem.memory.layer import DenseLayer, SlidingWindowLayer
+from tiermem.serve.policies import SessionPolicies
 from tiermem.serve.state import StateError, cache_state, read_file, read_header, restore_cache, write_file
 
 log = logging.getLogger("tiermem.serve")
 SUFFIX = ".session"
-FORMAT = 1
+FORMAT = 2  # 2: the session names its own policy (auto chooses per session)
 MIN_FORK_TOKENS = 16  # copying a cache to reuse fewer tokens than this costs more than prefilling them
 
 
@@ -62,6 +66,7 @@ class Session:
     tokens: np.ndarray  # (n,) int64: the ids the cache holds, in order
     prompt_len: int  # tokens held before the last turn's answer began
     last_used: float
+    policy: Policy  # what its cache is built by: the server's policy, or the one auto chose at its first turn
     cache: TierCache | None = None  # None while the session lives on disk only
     logits: torch.Tensor | None = None  # (vocab,) float32: next-token logits after ``tokens``
     file_bytes: int = 0
@@ -143,13 +148,15 @@ class SessionStore:
         self,
         folder: Path,
         key: dict[str, str],
-        make_cache: Callable[[], TierCache],
+        policies: SessionPolicies,
+        make_cache: Callable[[Policy], TierCache],
         kv_memory: int | None = None,
         disk_limit: int | None = None,
         durable: bool = True,
     ):
         self.folder = folder
         self.key = key
+        self.policies = policies
         self.make_cache = make_cache
         self.kv_memory = kv_memory
         self.disk_limit = disk_limit
@@ -175,9 +182,14 @@ class SessionStore:
             if path.name != f"{sid}{SUFFIX}":
                 self._set_aside(path, "its name does not match its id")
                 continue
+            try:
+                policy = self.policies.rebuild(header.get("policy"))
+            except StateError as exc:
+                self._set_aside(path, str(exc))
+                continue
             tokens = np.asarray(header["tokens"], dtype=np.int64)
             self.sessions[sid] = Session(
-                sid, str(header["owner"]), tokens, int(header["prompt_len"]), float(header["last_used"]),
+                sid, str(header["owner"]), tokens, int(header["prompt_len"]), float(header["last_used"]), policy,
                 file_bytes=path.stat().st_size, dirty=False,
             )  # fmt: skip
         if self.sessions:
@@ -196,12 +208,13 @@ class SessionStore:
                 best, best_len = session, n
         return best, best_len
 
-    def acquire(self, owner: str, ids: np.ndarray) -> Lease:
-        """A session to run a turn for ``ids`` on, in RAM and marked busy (see the module docstring)."""
-        session, shared = self.match(owner, ids)
+    def acquire(self, owner: str, ids: np.ndarray, policy: Policy, reuse: bool = True) -> Lease:
+        """A session to run a turn for ``ids`` on, in RAM and marked busy (see the module docstring); a new one
+        runs under ``policy``. ``reuse=False``: always a new session."""
+        session, shared = self.match(owner, ids) if reuse else (None, 0)
         lease = self._reuse(session, shared, ids) if session is not None and shared else None
         if lease is None:
-            lease = Lease(self._new(owner), 0, True)
+            lease = Lease(self._new(owner, policy), 0, True)
         lease.session.busy = True
         lease.session.last_used = time.time()
         return lease
@@ -229,9 +242,10 @@ class SessionStore:
         session.dirty = True
         return Lease(session, cut, False)
 
-    def _new(self, owner: str) -> Session:
+    def _new(self, owner: str, policy: Policy) -> Session:
         sid = f"sess_{secrets.token_hex(16)}"  # unguessable, and safe as a file name
-        session = Session(sid, owner, np.zeros(0, dtype=np.int64), 0, time.time(), cache=self.make_cache())
+        tokens = np.zeros(0, dtype=np.int64)
+        session = Session(sid, owner, tokens, 0, time.time(), policy, cache=self.make_cache(policy))
         with self._lock:
             self.sessions[sid] = session
         return session
@@ -239,7 +253,7 @@ class SessionStore:
     def _fork(self, session: Session) -> Session:
         assert session.cache is not None
         state, tensors = cache_state(session.cache)
-        copy = self._new(session.owner)
+        copy = self._new(session.owner, session.policy)
         assert copy.cache is not None
         restore_cache(copy.cache, state, tensors)
         copy.tokens, copy.prompt_len = session.tokens.copy(), session.prompt_len
@@ -271,6 +285,7 @@ class SessionStore:
             "key": self.key,
             "id": session.id,
             "owner": session.owner,
+            "policy": SessionPolicies.spec(session.policy),
             "tokens": session.tokens.tolist(),
             "prompt_len": session.prompt_len,
             "last_used": session.last_used,
@@ -334,7 +349,9 @@ class SessionStore:
             header, tensors = read_file(path)
             if header.get("key") != self.key or header.get("id") != session.id:
                 raise StateError("it belongs to another model, policy or dtype")
-            cache = self.make_cache()
+            if self.policies.rebuild(header.get("policy")) is not session.policy:
+                raise StateError("it was written under another policy than its index says")
+            cache = self.make_cache(session.policy)
             try:
                 restore_cache(cache, header["state"], tensors)
             except Exception:
@@ -376,6 +393,7 @@ class SessionStore:
                 "id": s.id,
                 "tokens": len(s.tokens),
                 "tier": "ram" if s.in_ram else "disk",
+                "policy": s.policy.name,
                 "ram_bytes": s.ram_bytes(),
                 "file_bytes": s.file_bytes,
                 "last_used": s.last_used,

@@ -25,12 +25,13 @@ import numpy as np
 import torch
 
 from tiermem.attention import patched_attention
-from tiermem.engine import GenerationConfig, prefill, sample, stop_token_ids, token_pieces
+from tiermem.engine import GenerationConfig, prefill, probe_question, sample, stop_token_ids, token_pieces
 from tiermem.errors import TiermemError
 from tiermem.memory.base import Policy
 from tiermem.models import LoadedModel
 from tiermem.serve.batch import decode_step
 from tiermem.serve.metrics import Metrics
+from tiermem.serve.policies import close_turn, reopen
 from tiermem.serve.schemas import ApiError
 from tiermem.serve.sessions import Session, SessionStore, SessionUnavailable
 from tiermem.serve.turns import Job, TextDelta, Turn
@@ -75,21 +76,22 @@ class ModelWorker:
     def __init__(
         self,
         lm: LoadedModel,
-        policy: Policy,
         store: SessionStore,
         metrics: Metrics,
         max_queue: int = 16,
         chunk_size: int = 512,
         default_max_tokens: int = 256,
         max_batch: int = 8,
+        session_memory: bool = True,
     ):
         self.lm = lm
-        self.policy = policy
+        self.policy = store.policies.policy  # the server's (``auto``: each session's is chosen at its first turn)
         self.store = store
         self.metrics = metrics
         self.chunk_size = chunk_size
         self.default_max_tokens = default_max_tokens
         self.max_batch = max_batch
+        self.session_memory = session_memory  # False: every turn prefills its whole prompt, and is then forgotten
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.stops = stop_token_ids(lm)
         self.vocab = int(lm.model.get_input_embeddings().weight.shape[0])
@@ -190,28 +192,50 @@ class ModelWorker:
             return list(turn.prompt)
         return list(tokenizer(str(turn.prompt)).input_ids)
 
-    def _limit(self, turn: Turn, prompt_tokens: int) -> Turn:
-        """``turn`` with its token limit resolved and checked against the policy and the model's positions."""
-        if turn.max_tokens is None:
+    def _limit(self, turn: Turn, prompt_tokens: int, policy: Policy) -> Turn:
+        """``turn`` with its token limit resolved and checked against ``policy`` and the model's positions."""
+        limit = turn.max_tokens
+        if limit is None:
             limit = self.default_max_tokens
-            if self.lm.max_positions and not self.policy.fits_any_length:
+            if self.lm.max_positions and not policy.fits_any_length:
                 limit = max(1, min(limit, self.lm.max_positions - prompt_tokens))
-            turn = dataclasses.replace(turn, max_tokens=limit)
-        assert turn.max_tokens is not None
         try:
-            self.policy.check(prompt_tokens, prompt_tokens + turn.max_tokens, self.lm.max_positions)
+            policy.check(prompt_tokens, prompt_tokens + limit, self.lm.max_positions)
         except TiermemError as exc:
             raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
-        return turn
+        return dataclasses.replace(turn, max_tokens=limit)
+
+    def _policy(self, turn: Turn, ids: np.ndarray) -> tuple[Turn, Policy, bool]:
+        """The turn with its limit checked, the policy a new session would run under, and whether a stored
+        session may be continued. Under auto, a conversation its session's policy cannot take any further (full
+        attention past the model's positions) goes to a new session, for which auto chooses again."""
+        n = len(ids)
+        session, shared = self.store.match(turn.owner, ids) if self.session_memory else (None, 0)
+        reuse = session is not None and shared > 0
+        if reuse:
+            assert session is not None
+            try:
+                continued = self._limit(turn, n, session.policy)
+            except ApiError:
+                if not self.store.policies.auto:
+                    raise
+                reuse = False
+        fresh, reason = self.store.policies.choose(n, n + (turn.max_tokens or self.default_max_tokens))
+        checked = self._limit(turn, n, fresh)
+        if reason:
+            log.info("a new session for a %d-token prompt would run %s", n, reason)
+        return (continued if reuse else checked), fresh, reuse
 
     def _begin(self, job: Job) -> Running | None:
         """Tokenize, find or make the session, prefill what it lacks, sample the first token. None: already done."""
         ids = self.tokenize(job.turn)
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
-        turn = job.turn = self._limit(job.turn, len(ids))
+        array = np.asarray(ids, dtype=np.int64)
+        turn, fresh_policy, reuse = self._policy(job.turn, array)
+        job.turn = turn
         try:
-            lease = self.store.acquire(turn.owner, np.asarray(ids, dtype=np.int64))
+            lease = self.store.acquire(turn.owner, array, fresh_policy, reuse)
         except SessionUnavailable as exc:  # this session only: the server keeps serving the others
             raise ApiError(409, str(exc), code="session_unavailable") from None
         session, new = lease.session, ids[lease.reused :]
@@ -225,11 +249,19 @@ class ModelWorker:
             assert cache is not None
             if lease.fresh:
                 cache.plan(len(ids), len(ids) + config.max_new_tokens, self.chunk_size)
+            elif new:
+                reopen(cache, len(new), config.max_new_tokens, self.chunk_size)  # compress every turn, not once
+                if cache.policy.probes_question:  # the new turn picks the blocks it reads, as a question does
+                    cache.probe(self.lm.model, torch.tensor([new]), cache.get_seq_length())
             if new:
                 session.logits = prefill(self.lm.model, cache, torch.tensor([new]), self.chunk_size, session.logits)
                 session.tokens = np.concatenate([session.tokens, np.asarray(new, dtype=np.int64)])
             if lease.fresh:
                 cache.end_context()  # the first prompt is the context a compressing policy compresses
+                if cache.policy.probes_question:  # its last tokens (the question) pick the blocks read next
+                    probe_question(self.lm.model, cache, torch.tensor([ids]), torch.zeros(1, 0, dtype=torch.long))
+            else:
+                close_turn(cache)
             session.prompt_len = len(session.tokens)
             assert session.logits is not None
             self._pick(running, session.logits)
@@ -288,7 +320,7 @@ class ModelWorker:
     def _end(self, turn: Running) -> None:
         if piece := turn.delta.rest(turn.text):
             turn.job.emit("text", piece)
-        self.store.release(turn.session)  # durable: on disk before the response ends
+        self.store.release(turn.session, ok=self.session_memory)  # durable: on disk before the response ends
         self.metrics.turn(turn.start["prompt_tokens"], turn.start["cached_tokens"], len(turn.ids))
         done = {"finish_reason": turn.finish, "completion_tokens": len(turn.ids), "text": turn.text, "ids": turn.ids}
         turn.job.emit("done", done)
