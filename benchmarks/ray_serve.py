@@ -41,7 +41,8 @@ def free_port() -> int:
 
 
 def converse(url: str, model: str, args: argparse.Namespace, kill: Any = None) -> dict[str, Any]:
-    """Run the conversations round by round; ``kill(served)`` is called before turn ``args.kill_before``."""
+    """Run the conversations round by round; ``kill(served)`` kills a replica before turn ``args.kill_before`` and
+    returns its name."""
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
     histories = [
         [{"role": "user", "content": f"Conversation {i}: my locker code is {4000 + 7 * i}. Please remember it."}]
@@ -49,10 +50,10 @@ def converse(url: str, model: str, args: argparse.Namespace, kill: Any = None) -
     ]
     served: list[list[str]] = [[] for _ in histories]
     previous = [0] * len(histories)
-    latencies, after_kill, reused, later, written = [], [], 0, 0, 0
+    latencies, after_kill, reused, later, written, victim = [], [], 0, 0, 0, ""
     for turn in range(args.turns):
         if kill is not None and turn == args.kill_before:
-            kill(served)
+            victim = kill(served)
         for i, history in enumerate(histories):
             start = time.perf_counter()
             raw = client.chat.completions.with_raw_response.create(
@@ -81,6 +82,10 @@ def converse(url: str, model: str, args: argparse.Namespace, kill: Any = None) -
         "later_turns_from_stored_session": f"{reused}/{later}",
         "replicas_used": dict(Counter(s[0] for s in served)),
     }
+    if victim:  # where the killed replica's conversations went (a replacement replica has a new name)
+        moved = [s[args.kill_before] for s in served if s[args.kill_before - 1] == victim]
+        out["killed"] = victim
+        out["its_conversations_went_to"] = dict(Counter(moved))
     if after_kill:
         out["slowest_turn_after_kill_s"] = round(max(after_kill), 2)
         out["median_turn_after_kill_s"] = round(statistics.median(after_kill), 3)
@@ -133,13 +138,14 @@ def on_ray(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         url = start(parsed)
         deploy_s = time.perf_counter() - begin
 
-        def kill(served: list[list[str]]) -> None:
+        def kill(served: list[list[str]]) -> str:
             import ray
 
             victim = Counter(s[-1] for s in served).most_common(1)[0][0]
             names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
             name = next(n for n in names if n.endswith(f"#{victim}"))
             ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+            return str(victim)
 
         result = converse(url, args.model, args, kill)
         return result | session_files(folder) | {"ray_init_s": round(init_s, 1), "deploy_s": round(deploy_s, 1)}
