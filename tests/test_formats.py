@@ -4,6 +4,8 @@ policy on every new weight and KV format (tiny models), compared with float32 wi
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -278,3 +280,36 @@ def test_budgeted_policies_evict_int8_rows(name: str) -> None:
     got, kv_bytes = run(model, build(name, kv_budget=budget), ids, context, "int8")
     assert torch.isfinite(got).all()
     assert kv_bytes < 0.5 * ref_bytes
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_generate_reports_the_formats_that_ran(capsys: pytest.CaptureFixture[str], tiny_model_dir: Path) -> None:
+    from tests.test_cli import run_cli
+
+    base = ["generate", "--model", str(tiny_model_dir), "--context", "The pass key is 4321. " * 10]
+    code, out, _ = run_cli(capsys, *base, "--policy", "full", "--max-new-tokens", "3", "--json")
+    assert code == 0
+    extra = json.loads(out)["extra"]
+    assert (extra["weights_format"], extra["kv_dtype"]) == ("float32", "float32")
+    flags = ["--dtype", "bfloat16", "--weights-quant", "int4", "--kv-dtype", "int8", "--policy", "full"]
+    code, out, _ = run_cli(capsys, *base, *flags, "--max-new-tokens", "3", "--json")
+    assert code == 0
+    record = json.loads(out)
+    assert record["extra"]["weights_format"] == "int4-g32"
+    assert record["extra"]["compute_dtype"] == "bfloat16" and record["extra"]["kv_dtype"] == "int8"
+    code, out, err = run_cli(capsys, *base, *flags, "--max-new-tokens", "3")
+    assert code == 0 and "[formats] weights int4-g32, activations bfloat16, KV int8" in out + err
+
+
+def test_bad_format_flags_are_one_line_errors(capsys: pytest.CaptureFixture[str], tiny_model_dir: Path) -> None:
+    from tests.test_cli import assert_one_line_error, run_cli
+
+    base = ["generate", "--model", str(tiny_model_dir), "--context", "hello"]
+    code, _, err = run_cli(capsys, *base, "--kv-dtype", "int4")
+    assert_one_line_error(code, err, "--kv-dtype")
+    code, _, err = run_cli(capsys, *base, "--weights-quant", "int8", "--weights", "stream")
+    assert_one_line_error(code, err, "needs --weights resident")
+    code, _, err = run_cli(capsys, *base, "--weights-quant", "int8", "--dtype", "float16")
+    assert_one_line_error(code, err, "needs --dtype float32 or bfloat16")
