@@ -162,7 +162,13 @@ def run(out: Path, samples: list[dict[str, Any]], cells: list[tuple[str, float]]
             press = make_press(spec, ratio)
             cache = replay(model, press, base, recorded)
             kept = kept_per_layer(model, cache)
-            answer = kvpress_answer(model, tokenizer, cache, context.shape[1], question, s["max_new_tokens"])
+            try:
+                answer = kvpress_answer(model, tokenizer, cache, context.shape[1], question, s["max_new_tokens"])
+            except RuntimeError as error:  # e.g. PyramidKV's layers of unequal lengths vs transformers' one mask
+                failure = {"system": "kvpress", "policy": spec, "compression_ratio": ratio, "task": s["task"]}
+                append_row({**failure, "index": s["index"], "error": str(error)[:300]}, out / "errors.jsonl")
+                log(f"kvpress {spec}@{ratio} {s['task']} #{s['index']} failed: {error}")
+                continue
             row: dict[str, Any] = {
                 **row_header("kvpress", spec, ratio, s, s["context_ids"], s["question_ids"], "tiermem", repr(press)),
                 **answer,

@@ -125,8 +125,11 @@ def report(out: Path) -> str:
         key = (r["system"], r["policy"], r["compression_ratio"])
         groups[key][(r["task"], r["length"], r["index"])] = r["score"]
         kept[key].append(mean(r["kept_per_layer"]) / r["context_tokens"])
-    # Only prompts that every configuration answered: a mean over the same prompts for every row.
-    shared = set.intersection(*(set(g) for g in groups.values()))
+    failed: dict[tuple[str, str, float], int] = defaultdict(int)
+    for e in load_jsonl(out / "errors.jsonl"):
+        failed[(e["system"], e["policy"], e["compression_ratio"])] += 1
+    # Only prompts that every configuration without failures answered: each mean is over the same prompts.
+    shared = set.intersection(*(set(g) for k, g in groups.items() if not failed[k]))
     lines = [f"Prompts answered by every configuration: {len(shared)} of {len(prompts)}.", ""]
 
     def score_cells(key: tuple[str, str, float]) -> tuple[list[str], float]:
@@ -150,8 +153,10 @@ def report(out: Path) -> str:
         for key in keys:
             task_cells, avg = score_cells(key)
             frac = mean(kept[key])
-            lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(task_cells) + f" | **{avg:.1f}** | {frac:.3f} |")
-            if key[2] == ratio and key[0] in ("kvpress", "tiermem") and avg > best.get(key[0], (-1.0, ""))[0]:
+            name = f"{key[1]} (failed on {failed[key]} prompts)" if failed[key] else key[1]
+            lines.append(f"| {key[0]} | {name} | " + " | ".join(task_cells) + f" | **{avg:.1f}** | {frac:.3f} |")
+            eligible = key[2] == ratio and key[0] in ("kvpress", "tiermem") and not failed[key]
+            if eligible and avg > best.get(key[0], (-1.0, ""))[0]:
                 best[key[0]] = (avg, key[1])
         lines.append("")
         if "kvpress" in best and "tiermem" in best:
@@ -164,6 +169,8 @@ def report(out: Path) -> str:
         f"Scores: RULER's metric per sample (string_match_all fraction; qa string_match_part), in %, at {lengths}.",
         "Uncompressed baselines (ratio 0) are repeated in every table. kept KV / context: context tokens kept per",
         "layer and KV head, averaged over layers, divided by the context length (kvpress AdaKV: unmasked keys).",
+        "A configuration that failed on some prompts (errors.jsonl) is shown on the prompts it answered and is not",
+        "a candidate for best.",
         "",
         "## Best of each system (question-agnostic, same prompts)",
         "",
