@@ -130,6 +130,10 @@ def check_replay(model: Any, sample: dict[str, Any], specs: list[str], ratio: fl
     return results
 
 
+def done_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    return (r["system"], r["policy"], r["compression_ratio"], r["task"], r["length"], r["index"])
+
+
 def run(out: Path, samples: list[dict[str, Any]], cells: list[tuple[str, float]], check: int) -> None:
     """Append one row per (press, ratio, sample) missing from ``out/results.jsonl``."""
     import kvpress
@@ -137,10 +141,6 @@ def run(out: Path, samples: list[dict[str, Any]], cells: list[tuple[str, float]]
     import transformers
 
     results = out / "results.jsonl"
-    done = {
-        (r["system"], r["policy"], r["compression_ratio"], r["task"], r["length"], r["index"])
-        for r in load_jsonl(results)
-    }
     model, tokenizer, source = kvpress_load(out)
     versions = {"kvpress": "0.5.5", "transformers": transformers.__version__, "torch": torch.__version__}
     log(
@@ -150,6 +150,7 @@ def run(out: Path, samples: list[dict[str, Any]], cells: list[tuple[str, float]]
         for row in check_replay(model, samples[0], sorted({c[0] for c in cells}), 0.5, check):
             append_row({**row, "versions": versions}, out / "replay-check.jsonl")
     for s in samples:
+        done = {done_key(r) for r in load_jsonl(results)}  # read per prompt: another worker may have answered it
         todo = [(p, r) for p, r in cells if ("kvpress", p, r, s["task"], s["length"], s["index"]) not in done]
         if not todo:
             continue

@@ -178,14 +178,14 @@ def check(lm: LoadedModel, s: dict[str, Any], cells: list[tuple[str, float]], qa
     return rows
 
 
+def done_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    return (r["system"], r["policy"], r["compression_ratio"], r["task"], r["length"], r["index"])
+
+
 def run(out: Path, samples: list[dict[str, Any]], cells: list[tuple[str, float]], qaware: bool, checks: int) -> None:
     """Append one row per (policy, ratio, sample) missing from ``out/results.jsonl``."""
     system = "tiermem-qaware" if qaware else "tiermem"
     results = out / "results.jsonl"
-    done = {
-        (r["system"], r["policy"], r["compression_ratio"], r["task"], r["length"], r["index"])
-        for r in load_jsonl(results)
-    }
     lm = load("smollm2")
     versions = {"tiermem_src": tiermem_source_digest(), "git_head": git_head(), "torch": torch.__version__}
     log(f"{system} worker: {versions}, model from {lm.source}")
@@ -193,6 +193,7 @@ def run(out: Path, samples: list[dict[str, Any]], cells: list[tuple[str, float]]
         for row in check(lm, samples[0], cells, qaware, checks):
             append_row({**row, "versions": versions}, out / "fork-check.jsonl")
     for s in samples:
+        done = {done_key(r) for r in load_jsonl(results)}  # read per prompt: another worker may have answered it
         todo = [(p, r) for p, r in cells if (system, p, r, s["task"], s["length"], s["index"]) not in done]
         if not todo:
             continue

@@ -66,6 +66,8 @@ def cells(policies: str, ratios: str) -> list[tuple[str, float]]:
 def worker(args: argparse.Namespace) -> None:
     out = Path(args.out)
     samples = load_prompts(out / "prompts.jsonl", {parse_tokens(x) for x in split(args.lengths)}, args.limit)
+    order = split(args.tasks)  # a worker answers these tasks' prompts, in this order (disjoint lists: two at once)
+    samples = sorted((s for s in samples if s["task"] in order), key=lambda s: order.index(s["task"]))
     if args.worker == "export":
         from _suite_tiermem import export
 
