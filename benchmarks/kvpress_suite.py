@@ -29,6 +29,7 @@ import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _kvpress_harness import (
@@ -115,6 +116,38 @@ def orchestrate(args: argparse.Namespace) -> None:
 # Report
 
 
+# kvpress press -> the tiermem policy that ports it with the same defaults (tiermem's snapkv keeps the paper's
+# window 32, kvpress's 64: not a pair)
+PAIRS = {
+    "none": "full",
+    "expected": "expected-attention",
+    "adakv-expected": "adakv-expected-attention",
+    "pyramidkv": "pyramidkv",
+    "knorm": "knorm",
+    "tova": "tova",
+    "streaming": "streaming:rerotate=false+evict_during_prefill=false",
+}
+
+
+def pairs(rows: list[dict[str, Any]], shared: set[tuple[str, int, int]]) -> list[str]:
+    """Sample-by-sample agreement of each kvpress press with its tiermem port, per ratio."""
+    cell = {(r["system"], r["policy"], r["compression_ratio"], r["task"], r["length"], r["index"]): r for r in rows}
+    lines = ["## kvpress press vs its tiermem port, sample by sample", ""]
+    lines += ["| kvpress | tiermem | ratio | prompts | identical output | same score |", "|---|---|---|---|---|---|"]
+    for ratio in sorted({r["compression_ratio"] for r in rows}):
+        for press, port in PAIRS.items():
+            both = [
+                (cell[("kvpress", press, ratio, *p)], cell[("tiermem", port, ratio, *p)])
+                for p in sorted(shared)
+                if ("kvpress", press, ratio, *p) in cell and ("tiermem", port, ratio, *p) in cell
+            ]
+            if both:
+                same = sum(a["output"].strip() == b["output"].strip() for a, b in both)
+                score = sum(a["score"] == b["score"] for a, b in both)
+                lines.append(f"| {press} | {port} | {ratio:g} | {len(both)} | {same} | {score} |")
+    return [*lines, ""]
+
+
 def report(out: Path) -> str:
     rows = load_jsonl(out / "results.jsonl")
     if not rows:
@@ -179,6 +212,7 @@ def report(out: Path) -> str:
         *summary,
         "",
     ]
+    intro += pairs(rows, shared)
     for name, check in (("replay-check.jsonl", "kvpress replay"), ("fork-check.jsonl", "tiermem fork")):
         checked = load_jsonl(out / name)
         if checked:
