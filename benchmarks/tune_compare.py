@@ -88,6 +88,26 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy after tuning against peak RSS during training, one point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    good = [r for r in rows if "error" not in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in good:
+        ax.scatter(r["peak_rss_bytes"] / 2**20, r["accuracy_after"] * 100)
+        ax.annotate(r["label"], (r["peak_rss_bytes"] / 2**20, r["accuracy_after"] * 100), fontsize=7)
+    ax.set_xlabel("peak RSS while training (MiB)")
+    ax.set_ylabel("test accuracy after tuning (%)")
+    ax.set_title("accuracy against memory")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
@@ -125,6 +145,7 @@ def main() -> None:
         print(table([row]).splitlines()[-1], file=sys.stderr, flush=True)
     text = table(rows)
     (args.out / "table.md").write_text(text + "\n")
+    plot(rows, args.out / "accuracy_vs_memory.png")
     print(text)
 
 
