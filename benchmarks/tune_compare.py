@@ -62,7 +62,7 @@ def run_one(label: str, extra: list[str], args: argparse.Namespace) -> dict[str,
         tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
         return {"label": label, "error": tail[0], "command": " ".join(command[2:])}
     record = json.loads(done.stdout.strip().splitlines()[-1])
-    record.update(label=label, command="tiermem " + " ".join(command[4:]))
+    record.update(label=label, command="tiermem tune " + " ".join(command[4:]))
     return record
 
 
