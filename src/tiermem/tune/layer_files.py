@@ -71,3 +71,39 @@ def load_resident(model: nn.Module, store: LayerStore) -> None:
     for alias, owner in aliases.items():
         if owner in params:
             _set_parameter(model, alias, params[owner])
+
+
+def load_private(source: Path, dtype: torch.dtype, weight_memory: int | None) -> nn.Module:
+    """``source``'s model with every weight in its own private, aligned allocation, read from the per-layer store.
+
+    Full-parameter training writes every weight. ``from_pretrained`` leaves them as views of the safetensors
+    file's map, so writing them in place turns each page into a private copy while an aligned clone (which the
+    streamed run needs for bitwise-equal results) would keep the file's pages mapped too: twice the model in RSS.
+    Reading each tensor once into its own buffer gives one copy, aligned exactly as the streamed runner's.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tiermem.models import cache_root
+    from tiermem.weights.stream import decoder_layers, layer_store_for
+
+    hf_config = AutoConfig.from_pretrained(str(source), local_files_only=True)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    model.tie_weights()
+    store = layer_store_for(source, model, dtype, cache_root() / "layers")
+    if weight_memory is not None and store.total_bytes > weight_memory:
+        raise TiermemError(
+            f"the weights ({store.total_bytes / 2**20:.0f} MiB) exceed --weight-memory "
+            f"{weight_memory / 2**20:.0f} MiB: use --weights stream"
+        )
+    load_resident(model, store)
+    layers = decoder_layers(model)
+    for shard in store.layers:
+        for name, tensor in read_aligned(shard.path).items():
+            _set_parameter(model, name, nn.Parameter(tensor, requires_grad=False))
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left or len(layers) != len(store.layers):
+        raise TiermemError(f"layer store {store.folder} does not cover the model: {', '.join(left[:3])}")
+    model.eval()
+    return model

@@ -33,14 +33,7 @@ class ResidentRunner:
                 torch.manual_seed(config.seed)
                 model = add_lora(lm.model)  # freezes the base, adds trainable A and B (B = 0)
         else:
-            model.requires_grad_(True)
-            with torch.no_grad():
-                for param in model.parameters():
-                    # Weights loaded from safetensors may sit at any byte offset of the file's map; the GEMM
-                    # kernels round differently on unaligned data, so each trained tensor gets its own (aligned)
-                    # private copy, one at a time. The streamed runner does the same, so the two runs are bitwise
-                    # equal, and training writes private memory rather than copy-on-write file pages.
-                    param.data = param.data.clone()
+            model.requires_grad_(True)  # weights are private and aligned (layer_files.load_private)
         self.model = model
         self.named = trained(model.named_parameters())
         self.zo: ZOOptimizer | None = None

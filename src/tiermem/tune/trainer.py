@@ -103,12 +103,36 @@ def _make_runner(config: TuneConfig, objective_factory: Callable[[Any], Objectiv
 
         runner = StreamRunner.open(config, objective_factory)
         return runner, runner.objective
-    stream = StreamConfig(weight_memory=config.weight_memory)
-    lm = load(config.model, dtype=config.dtype, weights="resident", stream=stream)
+    if config.uses_lora:  # the base weights are only read: the file's map is fine
+        lm = load(config.model, dtype=config.dtype, weights="resident", stream=StreamConfig(config.weight_memory))
+    else:
+        lm = _load_for_full_training(config)
     objective = objective_factory(lm.tokenizer)
     from tiermem.tune.resident import ResidentRunner
 
     return ResidentRunner(lm, config, objective), objective
+
+
+def _load_for_full_training(config: TuneConfig) -> Any:
+    """A :class:`LoadedModel` whose weights are private aligned copies (see :func:`layer_files.load_private`)."""
+    from transformers import AutoTokenizer
+
+    from tiermem.models import DTYPES, SUPPORTED_MODEL_TYPES, LoadedModel, resolve_source
+    from tiermem.tune.layer_files import load_private
+
+    if config.dtype not in DTYPES:
+        raise TiermemError(f"unknown dtype '{config.dtype}': use one of {', '.join(DTYPES)}")
+    source = resolve_source(config.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+        model = load_private(source, DTYPES[config.dtype], config.weight_memory)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        if isinstance(exc, TiermemError):
+            raise
+        raise TiermemError(f"cannot load model from {source}: {type(exc).__name__}: {exc}") from None
+    if getattr(model.config, "model_type", "?") not in SUPPORTED_MODEL_TYPES:
+        raise TiermemError(f"model type '{model.config.model_type}' is not supported")
+    return LoadedModel(name=config.model, model=model, tokenizer=tokenizer, source=source)
 
 
 def _write_steps(out: Path, records: list[dict[str, Any]]) -> None:
