@@ -13,9 +13,10 @@ Departures from gpt-fast: int8 clamps to [-127, 127] (symmetric, so -W quantizes
 length is not a multiple of the group with zero columns (gpt-fast pads to a multiple of 1024 for its CUDA tiles;
 the CPU kernel only needs whole groups), and ``x`` is padded to match at run time. The LM head is quantized too (as
 gpt-fast does), but to int8 under ``int4``: llama.cpp's 4-bit presets keep ``output.weight`` at 6-8 bits, and the
-bundled SmolLM2 GGUF (Q4_1) holds its tied embedding table in Q8_0; a 4-bit head cost +7-8% perplexity where int8
-costs +0.5% (BENCHMARKS.md). With tied embeddings the table stays in float for the lookup, so the head's quantized
-copy is extra memory there (counted in :class:`QuantReport`).
+bundled SmolLM2 GGUF (Q4_1) holds its tied embedding table in Q8_0. Measured on 512 held-out Wikipedia tokens
+(benchmarks/decode_formats.py ppl): int4 group 32 with a 4-bit head +6.9% (bf16) / +8.0% (fp32) perplexity, with an
+int8 head -0.2% / +0.25%. With tied embeddings the table stays in float for the lookup, so the head's quantized copy
+is extra memory there (counted in :class:`QuantReport`).
 """
 
 from __future__ import annotations
