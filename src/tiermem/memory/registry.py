@@ -101,6 +101,11 @@ REGISTRY: dict[str, Entry] = {
         {**SMALL_MODEL_MEMORY, **HEADS_RETRIEVAL, "block_size": 64, "topk": 4},
         "infllm-small whose blocks are picked once from the question by calibrated retrieval heads (tiermem variant)",
     ),
+    "infllm-heads-sentence": Entry(
+        InfLLM,
+        {**SMALL_MODEL_MEMORY, **HEADS_RETRIEVAL, "block_size": 64, "topk": 4, "boundaries": "sentence"},
+        "infllm-heads whose blocks end at sentence ends, so a fact is not cut between blocks (tiermem variant)",
+    ),
     "emllm-heads": Entry(
         EMLLM,
         {**SMALL_MODEL_MEMORY, **HEADS_RETRIEVAL, "max_block_size": 64, "n_mem": 256},
