@@ -86,7 +86,10 @@ class Int8WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (..., K) -> (..., N)."""
         flat = x.reshape(-1, self.in_features)
-        out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales.to(x.dtype))
+        if x.dtype == torch.float32:  # the kernel's float32 path is far slower than a float matmul (measured)
+            out = F.linear(flat, self.weight.to(torch.float32) * self.scales[:, None].float())
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales.to(x.dtype))
         out = out.view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
