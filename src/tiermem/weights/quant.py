@@ -74,6 +74,10 @@ def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
 class Int8WeightOnlyLinear(nn.Module):
     """``nn.Linear`` with int8 weights (N, K) and per-output-channel scales (N,); activations stay in float."""
 
+    weight: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -99,6 +103,10 @@ class Int8WeightOnlyLinear(nn.Module):
 
 class Int4WeightOnlyLinear(nn.Module):
     """``nn.Linear`` with 4-bit weights packed for the CPU kernel, one scale and zero per ``group_size`` inputs."""
+
+    weight: torch.Tensor
+    scales_and_zeros: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(self, linear: nn.Linear, group_size: int):
         super().__init__()
