@@ -220,10 +220,8 @@ class ModelWorker:
                 if not self.store.policies.auto:
                     raise
                 reuse = False
-        fresh, reason = self.store.policies.choose(n, n + (turn.max_tokens or self.default_max_tokens))
+        fresh, _ = self.store.policies.choose(n, n + (turn.max_tokens or self.default_max_tokens))
         checked = self._limit(turn, n, fresh)
-        if reason:
-            log.info("a new session for a %d-token prompt would run %s", n, reason)
         return (continued if reuse else checked), fresh, reuse
 
     def _begin(self, job: Job) -> Running | None:
@@ -239,6 +237,8 @@ class ModelWorker:
         except SessionUnavailable as exc:  # this session only: the server keeps serving the others
             raise ApiError(409, str(exc), code="session_unavailable") from None
         session, new = lease.session, ids[lease.reused :]
+        if lease.fresh and self.store.policies.auto:
+            log.info("session %s (%d-token prompt) runs %r", session.id, len(ids), session.policy)
         start = {"prompt_tokens": len(ids), "cached_tokens": lease.reused, "session": session.id}
         config = GenerationConfig(max_new_tokens=turn.max_tokens or 1, temperature=turn.temperature, top_p=turn.top_p)
         generator = torch.Generator().manual_seed(turn.seed)
