@@ -140,7 +140,7 @@ def cmd_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
     base = rows[0]["decode_tokens_per_second"]
     print(f"{args.model}, prompt {prompt.num_tokens} tokens, full cache, {args.new_tokens} new tokens, ", end="")
-    print(f"median of {args.repeats}, {torch.get_num_threads()} threads (loaded machine, indicative)")
+    print(f"median of {args.repeats}, {torch.get_num_threads()} threads")
     print("| dtype / weights / KV | decode tok/s | vs first | KV at decode MiB | answer |")
     print("|---|---|---|---|---|")
     for row in rows:
