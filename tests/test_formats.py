@@ -13,10 +13,8 @@ import torch
 from torch import nn
 
 from tests.conftest import VOCAB, tiny
-from tests.test_policy_matrix import covering, pieces
-from tiermem.attention import patched_attention
-from tiermem.cache import TierCache
-from tiermem.engine import forward, surprise
+from tests.test_policy_matrix import covering
+from tests.test_policy_matrix import run as matrix_run
 from tiermem.errors import TiermemError
 from tiermem.kvstore import ALLOCATORS, make_buffer
 from tiermem.kvstore.blocks import StoreConfig
@@ -186,27 +184,12 @@ def test_bad_values_are_one_line_errors(call: Any, message: str) -> None:
 
 
 def run(model: nn.Module, policy: Policy, ids: torch.Tensor, context: int, kv_dtype: str) -> tuple[Any, int]:
-    """Teacher-forced run as tests/test_policy_matrix.py's, with KV rows stored as ``kv_dtype``: logits of every
-    position (T, vocab) and the KV bytes held at the end."""
-    cache = TierCache(model, policy, StoreConfig(kv_dtype=kv_dtype))
-    cache.plan(context, ids.shape[1])
-    outs: list[torch.Tensor] = []
-    previous: torch.Tensor | None = None
-    with torch.no_grad(), patched_attention(model):
-        parts = [*ids[:, :context].split(16, dim=1), *ids[:, context:].split(1, dim=1)]
-        for i, part in enumerate(parts):
-            if policy.needs_token_text:
-                cache.observe_tokens(cache.get_seq_length(), pieces(cache.get_seq_length(), part.shape[1]))
-            logits = forward(model, cache, part, every_position=True)
-            if policy.needs_surprise:
-                cache.observe_surprise(surprise(previous, logits, part[0]))
-            previous = logits[-1]
-            outs.append(logits)
-            if cache.get_seq_length() == context and i < len(parts) - 1:
-                cache.end_context()
+    """tests/test_policy_matrix.py's teacher-forced run (16-token prefill chunks) with KV rows stored as
+    ``kv_dtype``: logits of every position (T, vocab) and the KV bytes held at the end."""
+    logits, (cache, _) = matrix_run(model, policy, ids, context, 16, StoreConfig(kv_dtype=kv_dtype))
     kv = cache.kv_bytes()
     cache.close()
-    return torch.cat(outs), kv
+    return logits, kv
 
 
 def check_close(got: torch.Tensor, reference: torch.Tensor, tolerance: float) -> None:

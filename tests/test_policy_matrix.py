@@ -15,6 +15,7 @@ from tests.conftest import ARCHITECTURES, VOCAB, tiny
 from tiermem.attention import patched_attention
 from tiermem.cache import TierCache
 from tiermem.engine import GenerationConfig, forward, surprise
+from tiermem.kvstore.blocks import StoreConfig
 from tiermem.layer_info import describe_layers
 from tiermem.memory import REGISTRY, BudgetedPolicy, Policy, SentenceKV, build
 from tiermem.memory.auto import Auto
@@ -45,11 +46,19 @@ def pieces(start: int, count: int) -> list[str]:
     return ["." if (start + i) % 10 == 9 else "w" for i in range(count)]
 
 
-def run(model: torch.nn.Module, policy: Policy, ids: torch.Tensor, context: int, chunk: int) -> tuple[Any, Any]:
+def run(
+    model: torch.nn.Module,
+    policy: Policy,
+    ids: torch.Tensor,
+    context: int,
+    chunk: int,
+    store: StoreConfig | None = None,
+) -> tuple[Any, Any]:
     """Engine-like run with teacher forcing: prefill ``ids[:, :context]`` in chunks, ``end_context``, then decode
     the remaining ids one at a time. Returns the logits of every position (T, vocab) and the cache after the context
-    was compressed, as seen by the decode steps (``kv_tokens`` per layer right after ``end_context``)."""
-    cache = TierCache(model, policy)
+    was compressed, as seen by the decode steps (``kv_tokens`` per layer right after ``end_context``). ``store``
+    sets the KV format and block store (default: float KV in RAM)."""
+    cache = TierCache(model, policy, store)
     cache.plan(context, ids.shape[1])
     outs: list[torch.Tensor] = []
     previous: torch.Tensor | None = None
