@@ -17,6 +17,7 @@ import torch
 
 # RoPE types whose frequencies depend on the sequence length at run time: ask the module itself.
 _DYNAMIC_TYPES = ("dynamic", "longrope")
+RECENT_RANGES = 64  # memoized position ranges: one per row of the largest decode batch, with room to spare
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -37,7 +38,8 @@ def unapply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Rope:
     """cos/sin tables of one RoPE flavour of a model (Gemma3 has one for local and one for global layers).
 
-    ``cos_sin_range`` memoizes its last answer: every layer of one forward asks for the same range.
+    ``cos_sin_range`` memoizes its recent answers: every layer of one forward asks for the same range, and a batch
+    of sessions decoding together (``tiermem.serve.batch``) asks for one range per row, at different positions.
     """
 
     def __init__(self, rotary_emb: Any, layer_type: str | None, dtype: torch.dtype):
@@ -51,7 +53,7 @@ class Rope:
         if rope_type not in _DYNAMIC_TYPES:
             self.inv_freq = getattr(rotary_emb, f"{prefix}inv_freq").double()
             self.scaling = float(getattr(rotary_emb, f"{prefix}attention_scaling"))
-        self._last: tuple[int, int, torch.Tensor, torch.Tensor] | None = None
+        self._recent: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables for integer ``positions`` (T,): two tensors (T, head_dim)."""
@@ -65,8 +67,11 @@ class Rope:
 
     def cos_sin_range(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables for positions ``start .. start+length-1``."""
-        if self._last is not None and self._last[0] == start and self._last[1] == length:
-            return self._last[2], self._last[3]
-        cos, sin = self.cos_sin(torch.arange(start, start + length))
-        self._last = (start, length, cos, sin)
-        return cos, sin
+        key = (start, length)
+        hit = self._recent.get(key)
+        if hit is not None:
+            return hit
+        if len(self._recent) >= RECENT_RANGES:  # drop the oldest (dicts keep insertion order)
+            del self._recent[next(iter(self._recent))]
+        self._recent[key] = self.cos_sin(torch.arange(start, start + length))
+        return self._recent[key]
