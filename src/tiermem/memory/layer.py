@@ -18,6 +18,7 @@ from tiermem.kvstore import make_buffer
 from tiermem.kvstore.dense import KVBuffer
 from tiermem.kvstore.quant_attention import int8_attention
 from tiermem.layer_info import LayerInfo
+from tiermem.prefill_attention import causal_prefill
 from tiermem.rope import apply_rope
 
 DEFAULT_CHUNK_TOKENS = 512  # prefill chunk size unless the run says otherwise (GenerationConfig.chunk_size)
@@ -36,6 +37,8 @@ def attention(
     positions used for the causal (and sliding-window) rule. Returns (1, Hq, T, D).
     """
     t = q.shape[2]
+    if t > 1 and (fast := causal_prefill(q, keys, values, q_pos, k_pos, info)) is not None:
+        return fast  # a prefill chunk in the plain causal layout: no (T, S) mask
     visible = k_pos[None, :] <= q_pos[:, None]
     if info.sliding_window is not None:
         visible &= k_pos[None, :] > q_pos[:, None] - info.sliding_window
