@@ -31,6 +31,7 @@ class Job:
     events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    ids: list[int] | None = None  # the prompt's token ids, once the worker has tokenized it
 
     def emit(self, kind: str, data: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, data))

@@ -6,8 +6,12 @@ this thread. Async endpoints submit a :class:`~tiermem.serve.turns.Job` and awai
 
 Continuous batching: up to ``max_batch`` turns run at once. A new turn is admitted between decode steps (its prompt
 is prefilled alone), then every running turn's next token is fed in one batched forward
-(:func:`tiermem.serve.batch.decode_step`). A turn whose client went away is cancelled: a queued one is skipped, a
-running one leaves the batch at the next step, its session consistent with the tokens it was fed.
+(:func:`tiermem.serve.batch.decode_step`). Under ``--kv-memory`` a turn is admitted only while its KV (its prompt and
+answer under its policy) fits beside the running turns' KV, so running sessions never hold more than the limit
+together; the next turn waits, in order, until one ends (a turn alone always runs, however large).
+
+A turn whose client went away is cancelled: a queued one is skipped, a running one leaves the batch at the next
+step, its session consistent with the tokens it was fed.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 
 from tiermem.attention import patched_attention
+from tiermem.cache import hot_bytes
 from tiermem.engine import GenerationConfig, prefill, probe_question, sample, stop_token_ids, token_pieces
 from tiermem.errors import TiermemError
 from tiermem.memory.base import Policy
@@ -96,6 +101,7 @@ class ModelWorker:
         self.stops = stop_token_ids(lm)
         self.vocab = int(lm.model.get_input_embeddings().weight.shape[0])
         self.running: list[Running] = []
+        self.waiting: Job | None = None  # the next turn, held back until its KV fits under --kv-memory
         self.closing = False
         self._thread = threading.Thread(target=self._loop, name="tiermem-model", daemon=True)
 
@@ -124,7 +130,7 @@ class ModelWorker:
     @property
     def depth(self) -> int:
         """Turns queued or running."""
-        return self.jobs.qsize() + len(self.running)
+        return self.jobs.qsize() + len(self.running) + (self.waiting is not None)
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -133,18 +139,45 @@ class ModelWorker:
         with torch.inference_mode(), patched_attention(self.lm.model):
             while not (stopping and not self.running):
                 while not stopping and len(self.running) < self.max_batch:
-                    try:
-                        job = self.jobs.get(block=not self.running)
-                    except queue.Empty:
-                        break
+                    if self.waiting is not None:
+                        if not self._fits(self.waiting):
+                            break  # a running turn must end first
+                        job, self.waiting = self.waiting, None
+                    else:
+                        try:
+                            job = self.jobs.get(block=not self.running)
+                        except queue.Empty:
+                            break
                     if job is None:
                         stopping = True
                     elif job.cancelled.is_set():  # its client left, or the server is stopping
                         job.emit("error", ApiError(503, "the request was cancelled", kind="server_error"))
+                    elif not self._fits(job):
+                        self.waiting = job
+                        break
                     else:
                         self._admit(job)
                 if self.running:
                     self._step()
+            if self.waiting is not None:  # stopping: the held turn never ran
+                self.waiting.emit("error", ApiError(503, "the server is shutting down", kind="server_error"))
+
+    def _fits(self, job: Job) -> bool:
+        """Under ``--kv-memory``: whether this turn's KV fits beside what the running turns hold now (their growth
+        while decoding, at most ``max_tokens`` each, is not counted). No limit, or nothing running: yes."""
+        limit = self.store.kv_memory
+        if limit is None or not self.running or job.cancelled.is_set():
+            return True
+        try:
+            if job.ids is None:
+                job.ids = self.tokenize(job.turn)
+            n = len(job.ids)
+            total = n + (job.turn.max_tokens or self.default_max_tokens)
+            policy, _ = self.store.policies.choose(n, total)
+            need = hot_bytes(policy, self.store.policies.infos, n, total, self.chunk_size)
+        except Exception:  # a bad request: admit it, and _begin answers it with its error
+            return True
+        return sum(t.session.ram_bytes() for t in self.running) + need <= limit
 
     def _admit(self, job: Job) -> None:
         try:
@@ -226,7 +259,7 @@ class ModelWorker:
 
     def _begin(self, job: Job) -> Running | None:
         """Tokenize, find or make the session, prefill what it lacks, sample the first token. None: already done."""
-        ids = self.tokenize(job.turn)
+        ids = job.ids if job.ids is not None else self.tokenize(job.turn)
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
         array = np.asarray(ids, dtype=np.int64)
