@@ -269,6 +269,17 @@ class SessionStore:
             self._unload(session)
             if not session.file_bytes:
                 self._forget(session)
+                return
+            # The turn may have cut or grown the ids before it failed: the index must hold the file's again, or the
+            # next match trusts ids the restored cache lacks (wrong cached_tokens, wrong answer)
+            try:
+                header = read_header(self.folder / f"{session.id}{SUFFIX}")
+                tokens, prompt_len = np.asarray(header["tokens"], dtype=np.int64), int(header["prompt_len"])
+            except (StateError, OSError, KeyError, TypeError, ValueError):
+                self._forget(session)  # its file is unreadable: the next restore would set it aside anyway
+                return
+            with self._lock:
+                session.tokens, session.prompt_len = tokens, prompt_len
             return
         session.dirty = True
         if self.durable:
