@@ -40,14 +40,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident set size of ``pid`` now (VmRSS), 0 once it is gone."""
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """Resident set size of ``pid`` now (``VmRSS``; ``RssAnon``: heap and tensors, ``RssFile``: mapped files such
+    as the weights' safetensors), 0 once it is gone."""
     try:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return 0
-    match = re.search(r"VmRSS:\s+(\d+) kB", text)
+    match = re.search(rf"{field}:\s+(\d+) kB", text)
     return int(match.group(1)) * 1024 if match else 0
+
+
+def rss_split(pid: int) -> dict[str, float]:
+    return {f: round(rss_bytes(pid, f) / MIB, 1) for f in ("VmRSS", "RssAnon", "RssFile")}
 
 
 class Sampler(threading.Thread):
@@ -104,6 +109,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
         try:
             time.sleep(1.0)
             baseline = rss_bytes(process.pid)
+            baseline_split = rss_split(process.pid)
             sampler = Sampler(process.pid)
             sampler.start()
             chats = argparse.Namespace(
@@ -114,6 +120,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
             time.sleep(0.5)
             peak = sampler.stop()
             end_rss = rss_bytes(process.pid)
+            end_split = rss_split(process.pid)
             gauges = metrics(port)
             on_disk = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
         finally:
@@ -126,6 +133,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
         "turns": args.turns, "prose": args.prose, "max_tokens": args.max_tokens,
         "baseline_rss_mib": round(baseline / MIB, 1), "peak_rss_mib": round(peak / MIB, 1),
         "end_rss_mib": round(end_rss / MIB, 1), "kv_memory_mib": round(limit / MIB, 1),
+        "baseline_split_mib": baseline_split, "end_split_mib": end_split,
         "overhead_mib": round((peak - baseline - limit) / MIB, 1), "session_files_mib": round(on_disk / MIB, 1),
         "tiers": kv, "spills": gauges.get("tiermem_sessions_spilled_total"),
         "restores": gauges.get("tiermem_sessions_restored_total"), "wall_s": summary["wall_s"],

@@ -109,6 +109,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         return cmd_serve_ray(args)
     logging.basicConfig(level=logging.INFO, format="tiermem serve: %(levelname)s %(message)s")
+    from tiermem.serve.allocator import fix_mmap_threshold
+
+    fix_mmap_threshold()  # spilled sessions' buffers go back to the OS (see the module)
     api_keys = list(args.api_key)
     if not api_keys and os.environ.get("TIERMEM_API_KEY"):
         args.api_key = [os.environ["TIERMEM_API_KEY"]]
