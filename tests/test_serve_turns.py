@@ -39,7 +39,7 @@ def held_per_turn(lm: LoadedModel, folder: Path, policy: Policy) -> list[int]:
     return held
 
 
-@pytest.mark.parametrize("name", ["snapkv", "snapkv-sentence", "tova", "pyramidkv", "expected-attention"])
+@pytest.mark.parametrize("name", ["snapkv", "snapkv-sentence", "tova", "pyramidkv", "expected-attention", "sentencekv"])
 def test_compress_once_policies_compress_every_turn(lm: LoadedModel, tmp_path: Path, name: str) -> None:
     held = held_per_turn(lm, tmp_path / "a", small_policy(name))
     full = held_per_turn(lm, tmp_path / "b", registry.build("full"))

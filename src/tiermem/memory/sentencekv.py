@@ -118,6 +118,36 @@ class SentenceKVLayer(DenseLayer):
         self.buffer.keep(hot, capacity=hot.numel() + self.headroom())
         self.window_queries = None
 
+    def offload_turn(self) -> None:
+        """After a later turn of a chat session (:func:`tiermem.serve.policies.close_turn`): the tokens that arrived
+        since the last offload (the previous answer, the new message), except the last ``recent_budget`` (or window),
+        become sentences in the store with their semantic vectors, as the context's did at ``end_context``.
+
+        Without it the hot cache would keep every later turn and grow with the conversation. Departure: SnapKV's
+        semantic selection is not applied to later turns (every token of them is kept in its sentence), since the
+        budget it enforces was spent on the first prompt. Sentence ends are positions; after a compression slot i no
+        longer holds position i, so the spans are cut at the slots holding those positions."""
+        if not self.compressed:
+            return
+        keys, values, positions = self.buffer.view()
+        n, policy = keys.shape[2], self.policy
+        front = min(policy.start_budget, n)
+        back = min(max(policy.recent_budget, policy.window_size), n)
+        if n <= front + back:
+            return
+        assert self.store is not None
+        slot_pos = positions[0]
+        ends = torch.isin(slot_pos, torch.tensor(self.sentence_end_positions, dtype=slot_pos.dtype))
+        vectors = []
+        for first, stop in sentence_spans(ends.nonzero()[:, 0].tolist(), front, n - back):
+            block_k, block_v = keys[0][:, first:stop], values[0][:, first:stop]
+            self.store.put(self.info.layer_idx, block_k.clone(), block_v.clone())
+            vectors.append(block_k.mean(dim=1))
+            self.sentence_sizes.append(stop - first)
+        self.semantic = torch.cat([self.semantic, torch.stack(vectors, dim=1)], dim=1)
+        hot = torch.cat([torch.arange(front), torch.arange(n - back, n)])
+        self.buffer.keep(hot, capacity=hot.numel() + self.headroom())
+
     def _semantic_selection(self, keys: torch.Tensor, n: int) -> torch.Tensor:
         """Positions (ascending) of the tokens SnapKV keeps for a budget of ``semantic_factor * token_budget``."""
         policy = self.policy

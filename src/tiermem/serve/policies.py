@@ -31,6 +31,7 @@ from tiermem.layer_info import LayerInfo
 from tiermem.memory.auto import Auto
 from tiermem.memory.base import Policy
 from tiermem.memory.scorer import ScorerLayer
+from tiermem.memory.sentencekv import SentenceKVLayer
 from tiermem.memory.snapkv import SnapKVLayer
 from tiermem.serve.state import StateError, _class, _class_name, _decode, _Encoder
 
@@ -105,8 +106,13 @@ def reopen(cache: TierCache, new_tokens: int, max_new_tokens: int, chunk_tokens:
 
 
 def close_turn(cache: TierCache) -> None:
-    """After a later turn's prefill: compress what :func:`reopen` reopened (nothing else changes)."""
+    """After a later turn's prefill: compress what :func:`reopen` reopened, and move SentenceKV's new tokens into
+    sentences in its store (nothing else changes)."""
     for layer in cache.tier_layers:
+        if isinstance(layer, SentenceKVLayer):
+            layer.offload_turn()
+            layer.report()
+            continue
         if isinstance(layer, PER_TURN_LAYERS) and not layer.compressed:
             ends = getattr(layer, "sentence_end_positions", None)
             if ends is not None:  # SnapKV's sentence units index slots; after a compression slot i is not position i
