@@ -57,7 +57,12 @@ SMALL: dict[str, dict[str, Any]] = {
     "emllm-small": {"n_init": 16, "n_local": 64, "exc_block_size": 32, "min_block_size": 8, "max_block_size": 16},
     "sentencekv": {"token_budget": 96, "start_budget": 8, "recent_budget": 16, "window_size": 16},
 }
-LOADED = "loaded machine: 2 shared cores, other jobs running"
+START_LOAD = os.getloadavg()[0]  # the 1-minute load average when the run began: > ~1 means shared cores
+
+
+def machine_note() -> str:
+    """How busy the machine was: the load average at the start and now (speed figures need both near 0)."""
+    return f"load average {START_LOAD:.1f} at the start, {os.getloadavg()[0]:.1f} at this row"
 
 
 def emit(out: Path, part: str, row: dict[str, Any]) -> None:
@@ -215,7 +220,7 @@ def part_turns(args: argparse.Namespace, out: Path) -> None:
     last = max(ttft["on"])
     summary: dict[str, Any] = {
         "policy": args.policy, "kv_budget": args.kv_budget, "policy_opt": args.policy_opt, "turns": last,
-        "history_tokens": prompt_tokens[last], "max_tokens": args.max_tokens, "note": LOADED,
+        "history_tokens": prompt_tokens[last], "max_tokens": args.max_tokens, "note": machine_note(),
     }  # fmt: skip
     for memory, times in ttft.items():
         if 1 in times and last in times:
@@ -253,7 +258,7 @@ def part_restore(args: argparse.Namespace, out: Path) -> None:
                 **{f"{k}_s": round(v, 4) for k, v in median.items()},
                 "disk_over_prefill": round(median["disk"] / median["prefill"], 3),
                 "ram_over_prefill": round(median["ram"] / median["prefill"], 3), "repeats": args.repeats,
-                "note": LOADED,
+                "note": machine_note(),
             },
         )  # fmt: skip
 
@@ -319,7 +324,7 @@ def part_batch(args: argparse.Namespace, out: Path) -> None:
             "single_tokens_per_s": round(single, 2), "batched_tokens_per_s": round(batched, 2),
             "ratio": round(batched / single, 2), "threads": torch.get_num_threads(), "repeats": args.repeats,
             "with_prefill_ratio": round(whole[1] / whole[0], 2),
-            "note": LOADED,
+            "note": machine_note(),
         },
     )  # fmt: skip
 
