@@ -1,9 +1,14 @@
 """Fault acceptance of ``tiermem serve`` (issue 10): a fuzz of interleaved sessions with restarts, and kill -9 under
 load.
 
-    python benchmarks/serve_fault.py fuzz    --model smollm2 --sessions 64 --policy full
-    python benchmarks/serve_fault.py fuzz    --model smollm2 --sessions 64 --policy streaming --kv-budget 48
-    python benchmarks/serve_fault.py killrun --model smollm2 --clients 8 --turns 6
+    python benchmarks/serve_fault.py fuzz    --model smollm2 --sessions 64 --restarts 2 --kv-memory 16MB
+    python benchmarks/serve_fault.py fuzz    --model smollm2 --sessions 64 --policy streaming --kv-budget 64 \
+        --kv-memory 16MB --in-process
+    python benchmarks/serve_fault.py killrun --model smollm2 --clients 8 --turns 6 --in-process
+
+``--in-process`` runs the servers that are never SIGKILLed as uvicorn threads of this process (seconds to start
+where a new process importing torch takes minutes on a loaded machine); the fuzz's restarts are then a graceful stop
+and a stop that skips the store's exit-time writes (what a kill -9 between turns leaves), killrun's kill stays real.
 
 ``fuzz``: ``--sessions`` conversations over ``--owners`` API keys, their turns interleaved in a seeded random order
 against one server with a small ``--kv-memory`` (idle sessions spill to disk and are restored), restarted
