@@ -15,29 +15,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
+from _serve_fault_checks import Server
 
 from tiermem.serve.loadtest import run as run_chats
 from tiermem.units import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_bytes(pid: int, field: str = "VmRSS") -> int:
@@ -73,24 +64,6 @@ class Sampler(threading.Thread):
         return self.peak
 
 
-def start_server(args: argparse.Namespace, folder: Path, port: int) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "tiermem.cli", "serve", "--model", args.model, "--port", str(port)]
-    command += ["--sessions-dir", str(folder), "--kv-memory", args.kv_memory, "--policy", args.policy]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited with {process.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    process.kill()
-    raise SystemExit("the server did not start in 300 s")
-
-
 def metrics(port: int) -> dict[str, float]:
     """The gauges and counters of ``/metrics`` whose names start with ``tiermem_`` (labels kept in the key)."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
@@ -102,10 +75,13 @@ def metrics(port: int) -> dict[str, float]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, object]:
-    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "sessions"
-        process = start_server(args, folder, port)
+        options = ["--kv-memory", args.kv_memory, "--policy", args.policy]
+        server = Server(args.model, folder, options, [], Path(tmp) / "server.log")
+        server.start(timeout=300)
+        assert server.process is not None
+        process, port = server.process, int(server.url.rsplit(":", 1)[1])
         try:
             time.sleep(1.0)
             baseline = rss_bytes(process.pid)
@@ -124,8 +100,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
             gauges = metrics(port)
             on_disk = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
         finally:
-            process.terminate()
-            process.wait(timeout=60)
+            server.stop()
     limit = parse_size(args.kv_memory)
     kv = {k: v for k, v in gauges.items() if k.startswith(("tiermem_kv_bytes", "tiermem_sessions"))}
     return {
