@@ -17,7 +17,7 @@ import torch
 
 # RoPE types whose frequencies depend on the sequence length at run time: ask the module itself.
 _DYNAMIC_TYPES = ("dynamic", "longrope")
-RECENT_RANGES = 64  # memoized position ranges: one per row of the largest decode batch, with room to spare
+RECENT_STEPS = 64  # memoized single positions: one per row of the largest decode batch, with room to spare
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -38,8 +38,9 @@ def unapply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Rope:
     """cos/sin tables of one RoPE flavour of a model (Gemma3 has one for local and one for global layers).
 
-    ``cos_sin_range`` memoizes its recent answers: every layer of one forward asks for the same range, and a batch
-    of sessions decoding together (``tiermem.serve.batch``) asks for one range per row, at different positions.
+    ``cos_sin_range`` memoizes: every layer of one forward asks for the same range (the last one is kept), and a
+    batch of sessions decoding together (``tiermem.serve.batch``) asks for one single position per row (the 64 most
+    recent are kept; only single positions, so a long prompt's chunks do not pile up tables).
     """
 
     def __init__(self, rotary_emb: Any, layer_type: str | None, dtype: torch.dtype):
@@ -53,7 +54,8 @@ class Rope:
         if rope_type not in _DYNAMIC_TYPES:
             self.inv_freq = getattr(rotary_emb, f"{prefix}inv_freq").double()
             self.scaling = float(getattr(rotary_emb, f"{prefix}attention_scaling"))
-        self._recent: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._last: tuple[int, int, torch.Tensor, torch.Tensor] | None = None
+        self._steps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # position -> tables of length 1
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables for integer ``positions`` (T,): two tensors (T, head_dim)."""
@@ -67,11 +69,13 @@ class Rope:
 
     def cos_sin_range(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables for positions ``start .. start+length-1``."""
-        key = (start, length)
-        hit = self._recent.get(key)
-        if hit is not None:
+        if length == 1:
+            hit = self._steps.get(start)
+            if hit is None:
+                if len(self._steps) >= RECENT_STEPS:  # drop the oldest (dicts keep insertion order)
+                    del self._steps[next(iter(self._steps))]
+                hit = self._steps[start] = self.cos_sin(torch.arange(start, start + 1))
             return hit
-        if len(self._recent) >= RECENT_RANGES:  # drop the oldest (dicts keep insertion order)
-            del self._recent[next(iter(self._recent))]
-        self._recent[key] = self.cos_sin(torch.arange(start, start + length))
-        return self._recent[key]
+        if self._last is None or self._last[:2] != (start, length):
+            self._last = (start, length, *self.cos_sin(torch.arange(start, start + length)))
+        return self._last[2], self._last[3]
