@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.test_serve_sessions import make_worker
+from tests.test_serve_sessions import job_events, make_worker
 from tiermem.attention import patched_attention
 from tiermem.memory import registry
 from tiermem.models import LoadedModel, load
@@ -38,15 +38,7 @@ def loop_turn(worker: ModelWorker, prompt: list[int], max_tokens: int = 6) -> di
             worker._admit(job)
             while worker.running:
                 worker._step()
-        loop.run_until_complete(asyncio.sleep(0))
-        events: dict[str, Any] = {}
-        while not job.events.empty():
-            kind, data = job.events.get_nowait()
-            if kind in ("start", "done"):
-                events.update(data)
-            elif kind == "error":
-                events["error"] = data
-        return events
+        return job_events(loop, job)
     finally:
         loop.close()
 

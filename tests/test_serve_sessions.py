@@ -82,19 +82,26 @@ def make_worker(
     return ModelWorker(lm, SessionStore(folder, key, policies, make_cache, kv_memory, **kw), Metrics())
 
 
+def job_events(loop: asyncio.AbstractEventLoop, job: Job) -> dict[str, Any]:
+    """The events a finished job emitted: start and done merged, an error under ``"error"``."""
+    loop.run_until_complete(asyncio.sleep(0))
+    events: dict[str, Any] = {}
+    while not job.events.empty():
+        kind, data = job.events.get_nowait()
+        if kind in ("start", "done"):
+            events.update(data)
+        elif kind == "error":
+            events["error"] = data
+    return events
+
+
 def run_turn(worker: ModelWorker, prompt: list[int], max_tokens: int = 6, owner: str = "") -> dict[str, Any]:
     """One greedy turn on the calling thread; returns the start and done events merged."""
     loop = asyncio.new_event_loop()
     try:
         job = Job(Turn(owner, max_tokens, 0.0, 1.0, 0, prompt=prompt), loop)
         worker._run(job)
-        loop.run_until_complete(asyncio.sleep(0))
-        events: dict[str, Any] = {}
-        while not job.events.empty():
-            kind, data = job.events.get_nowait()
-            if kind in ("start", "done"):
-                events.update(data)
-        return events
+        return job_events(loop, job)
     finally:
         loop.close()
 
