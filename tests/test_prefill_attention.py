@@ -90,8 +90,20 @@ def test_int8_prefill_equals_the_online_loop(s: int) -> None:
     keys, values = fmt.encode(k), fmt.encode(v)
     q_pos, k_pos = torch.arange(s - 12, s), torch.arange(s)
     fast = int8_attention(q, keys, values, fmt, q_pos, k_pos, info())
-    with mock.patch("tiermem.kvstore.quant_attention.own_keys", return_value=None):
+    with mock.patch("tiermem.kvstore.quant_attention.causal_prefill", return_value=None):
         loop = int8_attention(q, keys, values, fmt, q_pos, k_pos, info())
     torch.testing.assert_close(fast, loop, atol=2e-5, rtol=1e-4)
     decoded = masked(q, fmt.decode(keys, torch.float32), fmt.decode(values, torch.float32), q_pos, k_pos)
     torch.testing.assert_close(fast, decoded, atol=2e-5, rtol=1e-4)
+
+
+def test_int8_past_read_in_several_pieces_is_the_same() -> None:
+    """The decoded past is read DECODED_PAST_KEYS keys at a time; pieces merge into one softmax."""
+    fmt = kv_format("int8", torch.float32)
+    q, k, v = tensors(12, 70)
+    keys, values = fmt.encode(k), fmt.encode(v)
+    q_pos, k_pos = torch.arange(58, 70), torch.arange(70)
+    whole = int8_attention(q, keys, values, fmt, q_pos, k_pos, info())
+    with mock.patch("tiermem.prefill_attention.DECODED_PAST_KEYS", 16):
+        pieces = int8_attention(q, keys, values, fmt, q_pos, k_pos, info())
+    torch.testing.assert_close(pieces, whole, atol=2e-6, rtol=1e-5)

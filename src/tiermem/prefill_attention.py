@@ -15,7 +15,7 @@ few keys to the query heads, which costs ``T`` rows, not ``S``.
 The path applies when the layout is the plain causal one: the last ``T`` stored keys are this chunk's (positions
 equal the queries'), every earlier key precedes the chunk, no sliding window and no soft-capping, float32 or
 bfloat16. Anything else (a decode step, a Gemma3 local layer, a policy that re-positions keys) returns ``None`` and
-takes the masked path. int8 rows use :func:`past_and_own` with their own past attention (see
+takes the masked path. int8 rows take the same path with a ``decode`` of their rows (see
 :mod:`tiermem.kvstore.quant_attention`).
 """
 
@@ -31,8 +31,7 @@ _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", 
 DTYPES = (torch.float32, torch.bfloat16)
 ENABLED = True  # False: every chunk takes the masked path (the baseline of benchmarks/prefill_chunks.py --compare)
 
-# (q (1, Hq, T, D)) -> (out (1, Hq, T, D), lse (1, Hq, T)): attention of the chunk's queries over the past
-PastAttention = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+DECODED_PAST_KEYS = 8192  # past keys decoded at a time for stored formats (int8): 12 MiB of float32 for SmolLM2
 
 
 def own_keys(q_pos: torch.Tensor, k_pos: torch.Tensor) -> int | None:
@@ -84,32 +83,32 @@ def merge(
     return out.to(out_a.dtype), m + total.log()
 
 
-def past_and_own(
-    q: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor, info: LayerInfo, past: PastAttention | None
-) -> torch.Tensor:
-    """The chunk's causal attention over its own keys (1, Hkv, T, D), merged with ``past`` (None: no past)."""
-    out, lse = flash(q, own_k, own_v, info, causal=True)
-    if past is None:
-        return out
-    past_out, past_lse = past(q)
-    return merge(past_out, past_lse, out, lse)[0]
-
-
 def causal_prefill(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, info: LayerInfo
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    info: LayerInfo,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
     """:func:`tiermem.memory.layer.attention` for a prefill chunk in the plain causal layout; None when it is not.
 
-    Shapes: ``q`` (1, Hq, T, D); ``keys``/``values`` (1, Hkv, S, D); ``q_pos`` (T,), ``k_pos`` (S,).
+    Shapes: ``q`` (1, Hq, T, D); ``keys``/``values`` (1, Hkv, S, D) as stored; ``q_pos`` (T,), ``k_pos`` (S,).
+    ``decode`` turns stored rows (int8 with their scales) into ``q``'s dtype; the past is then decoded and read
+    ``DECODED_PAST_KEYS`` keys at a time. Without it the rows are read as stored, the past in one call.
     """
-    if not applies(q, info) or keys.dtype != q.dtype:
+    if not applies(q, info) or (decode is None and keys.dtype != q.dtype):
         return None
     t = own_keys(q_pos, k_pos)
     if t is None:
         return None
+    read = decode or (lambda rows: rows)
     s = keys.shape[2]
-    own_k, own_v = keys[:, :, s - t :], values[:, :, s - t :]
-    if s == t:
-        return past_and_own(q, own_k, own_v, info, None)
-    past_k, past_v = keys[:, :, : s - t], values[:, :, : s - t]
-    return past_and_own(q, own_k, own_v, info, lambda query: flash(query, past_k, past_v, info, causal=False))
+    out, lse = flash(q, read(keys[:, :, s - t :]), read(values[:, :, s - t :]), info, causal=True)
+    step = DECODED_PAST_KEYS if decode is not None else max(s - t, 1)
+    for start in range(0, s - t, step):
+        end = min(s - t, start + step)
+        past = flash(q, read(keys[:, :, start:end]), read(values[:, :, start:end]), info, causal=False)
+        out, lse = merge(*past, out, lse)
+    return out

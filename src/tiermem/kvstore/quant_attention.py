@@ -7,7 +7,7 @@ scaled copy of a chunk is made. Chunks are merged by the running maximum and sum
 of FlashAttention), so the result equals one softmax over all keys. Arithmetic is float32 whatever the model's dtype.
 
 A prefill chunk in the plain causal layout (:mod:`tiermem.prefill_attention`) takes another route: the past is
-decoded ``MAX_CHUNK_TOKENS`` keys at a time into the query's dtype and read by the CPU flash kernel without a mask,
+decoded 8k keys at a time into the query's dtype and read by the CPU flash kernel without a mask,
 the chunk's own keys with its causal kernel, all merged by log-sum-exp. A chunk of T queries reads S keys, so
 decoding (S rows) is cheap beside the T x S logits that the online loop would compute with plain matmuls.
 """
@@ -18,7 +18,7 @@ import torch
 
 from tiermem.kvstore.quant import KVFormat
 from tiermem.layer_info import LayerInfo
-from tiermem.prefill_attention import applies, flash, merge, own_keys, past_and_own
+from tiermem.prefill_attention import causal_prefill
 
 MAX_CHUNK_TOKENS = 8192  # a decode step at 8k reads one chunk: 2 x Hkv x 8192 x D float32 (12 MiB for SmolLM2)
 LOGITS_BUDGET = 1 << 22  # float32 logits per chunk at most (16 MiB): long prefill chunks take fewer keys per step
@@ -44,8 +44,10 @@ def int8_attention(
     :func:`tiermem.memory.layer.attention`. Returns (1, Hq, T, D) in ``q``'s dtype."""
     _, hq, t, d = q.shape
     hkv, g, s = info.num_kv_heads, info.group_size, keys.shape[2]
-    if t > 1 and applies(q, info) and (own := own_keys(q_pos, k_pos)) is not None:
-        return _causal_prefill(q, keys, values, fmt, own, info)
+    if t > 1:  # a prefill chunk in the plain causal layout decodes its rows into the fast path
+        fast = causal_prefill(q, keys, values, q_pos, k_pos, info, lambda rows: fmt.decode(rows, q.dtype))
+        if fast is not None:
+            return fast
     chunk = chunk_tokens or chunk_tokens_for(hq, t)
     grouped = q.float().reshape(1, hkv, g * t, d)  # query heads of one KV head are adjacent (GQA's layout)
     running_max = torch.full((1, hkv, g * t, 1), float("-inf"))
@@ -73,24 +75,3 @@ def int8_attention(
         acc = acc * correction + (probs * v_scale.transpose(-1, -2)) @ v_int.to(torch.float32)
         running_max = new_max
     return (acc / running_sum).view(1, hq, t, d).to(q.dtype)
-
-
-def _causal_prefill(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, fmt: KVFormat, own: int, info: LayerInfo
-) -> torch.Tensor:
-    """A prefill chunk whose ``own`` keys are the last ones and whose past is all visible (see the module doc)."""
-    s = keys.shape[2]
-    own_k, own_v = fmt.decode(keys[:, :, s - own :], q.dtype), fmt.decode(values[:, :, s - own :], q.dtype)
-
-    def past(query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out: tuple[torch.Tensor, torch.Tensor] | None = None
-        for start in range(0, s - own, MAX_CHUNK_TOKENS):
-            end = min(s - own, start + MAX_CHUNK_TOKENS)
-            k = fmt.decode(keys[:, :, start:end], q.dtype)
-            v = fmt.decode(values[:, :, start:end], q.dtype)
-            part = flash(query, k, v, info, causal=False)
-            out = part if out is None else merge(*out, *part)
-        assert out is not None
-        return out
-
-    return past_and_own(q, own_k, own_v, info, past if s > own else None)
