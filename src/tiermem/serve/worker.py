@@ -173,8 +173,7 @@ class ModelWorker:
                 job.ids = self.tokenize(job.turn)
             n = len(job.ids)
             total = n + (job.turn.max_tokens or self.default_max_tokens)
-            policy, _ = self.store.policies.choose(n, total)
-            need = hot_bytes(policy, self.store.policies.infos, n, total, self.chunk_size)
+            need = hot_bytes(self._fresh_policy(job.turn, n), self.store.policies.infos, n, total, self.chunk_size)
         except Exception:  # a bad request: admit it, and _begin answers it with its error
             return True
         return sum(t.session.ram_bytes() for t in self.running) + need <= limit
@@ -253,9 +252,14 @@ class ModelWorker:
                 if not self.store.policies.auto:
                     raise
                 reuse = False
-        fresh, _ = self.store.policies.choose(n, n + (turn.max_tokens or self.default_max_tokens))
+        fresh = self._fresh_policy(turn, n)
         checked = self._limit(turn, n, fresh)
         return (continued if reuse else checked), fresh, reuse
+
+    def _fresh_policy(self, turn: Turn, prompt_tokens: int) -> Policy:
+        """The policy a new session for this turn's ``prompt_tokens`` would run under (auto chooses per length)."""
+        total = prompt_tokens + (turn.max_tokens or self.default_max_tokens)
+        return self.store.policies.choose(prompt_tokens, total)[0]
 
     def _begin(self, job: Job) -> Running | None:
         """Tokenize, find or make the session, prefill what it lacks, sample the first token. None: already done."""
