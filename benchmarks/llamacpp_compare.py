@@ -14,9 +14,10 @@ It will, in order:
 
        python3 -m venv .venv-llamacpp
        CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \\
-           .venv-llamacpp/bin/pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36
+           .venv-llamacpp/bin/pip install --no-binary llama-cpp-python "llama-cpp-python[server]==0.3.36"
 
-   (``--setup-only`` stops after this step; its log goes to ``bench-out/llamacpp/build.log``.)
+   (``--setup-only`` stops after this step; its log goes to ``bench-out/llamacpp/build.log``. The ``[server]`` extra
+   is for ``benchmarks/serve_vs_llamacpp.py``, which runs llama-cpp-python's OpenAI server from the same venv.)
 2. export the prompts with ``benchmarks/export_prompts.py`` (needle task, depth 0.5) so every system reads the same
    token ids: tiermem's tokenization, chat template included (``bench-out/llamacpp/prompts.jsonl``);
 3. for each prompt length, run each system in its own fresh process (so peak RSS is per system):
@@ -88,7 +89,7 @@ def llamacpp_installed() -> bool:
     if not LLAMACPP_PYTHON.exists():
         return False
     probe = subprocess.run(
-        [str(LLAMACPP_PYTHON), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+        [str(LLAMACPP_PYTHON), "-c", "import llama_cpp, llama_cpp.server.app; print(llama_cpp.__version__)"],
         capture_output=True,
         text=True,
     )
@@ -108,7 +109,7 @@ def ensure_llamacpp_venv() -> None:
     cmd = [str(LLAMACPP_PYTHON), "-m", "pip", "install", "-v", "--no-binary", "llama-cpp-python"]
     with log.open("w") as handle:
         subprocess.run(
-            [*cmd, f"llama-cpp-python=={LLAMACPP_VERSION}"],
+            [*cmd, f"llama-cpp-python[server]=={LLAMACPP_VERSION}"],
             env=env,
             stdout=handle,
             stderr=subprocess.STDOUT,

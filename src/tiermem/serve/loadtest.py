@@ -53,7 +53,8 @@ async def chat(
         usage = None
         stream = await client.chat.completions.create(
             model=model, messages=messages, max_tokens=args.max_tokens, temperature=0, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": getattr(args, "ignore_eos", False)},
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": getattr(args, "ignore_eos", False), **getattr(args, "extra_body", {})},
         )  # fmt: skip
         async for chunk in stream:
             if chunk.usage is not None:
@@ -64,16 +65,19 @@ async def chat(
                     pieces.append(choice.delta.content)
         ended = time.perf_counter()
         messages.append({"role": "assistant", "content": "".join(pieces)})
-        assert usage is not None and usage.prompt_tokens_details is not None
+        # A server that streams no usage (llama-cpp-python's) gets None for the prompt and cached tokens and its
+        # streamed content chunks as completion tokens (one chunk per sampled token there).
+        details = usage.prompt_tokens_details if usage is not None else None
         records.append(
             {
                 "chat": index,
                 "turn": turn,
-                "prompt_tokens": usage.prompt_tokens,
-                "cached_tokens": usage.prompt_tokens_details.cached_tokens,
-                "completion_tokens": usage.completion_tokens,
+                "prompt_tokens": usage.prompt_tokens if usage is not None else None,
+                "cached_tokens": details.cached_tokens if details is not None else None,
+                "completion_tokens": usage.completion_tokens if usage is not None else len(pieces),
                 "ttft_s": round((first or ended) - began, 4),
                 "turn_s": round(ended - began, 4),
+                "began": round(began, 4),  # perf_counter at the request: when turns of concurrent chats overlapped
             }
         )
         print(json.dumps(records[-1]), flush=True)
