@@ -18,7 +18,7 @@ def add_tune_parser(sub: Any) -> None:
 
     tune = sub.add_parser("tune", help="fine-tune with forward passes only (MeZO, ZO-Bench) or backprop baselines")
     tune.add_argument("--model", default="smollm2", help="smollm2, gemma3-270m, a local HF folder or a .gguf file")
-    add_dtype_arg(tune)
+    add_dtype_arg(tune, preset="exact")  # training runs in float32 unless told otherwise
     tune.add_argument("--method", default="zo-sgd", choices=list(METHODS), help="optimizer (default zo-sgd: MeZO)")
     tune.add_argument("--task", default="polarity-k16", help="a task of --list-tasks, or a .jsonl/.txt file")
     tune.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and exit")
@@ -36,6 +36,9 @@ def add_tune_parser(sub: Any) -> None:
     tune.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     tune.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     tune.add_argument("--no-save-model", action="store_true", help="do not write the tuned model to --out/model")
+    tune.add_argument("--eval-every", type=int, default=0, help="evaluate the task's dev split every N steps")
+    tune.add_argument("--keep-best", action="store_true", help="end on the best dev evaluation (needs --eval-every)")
+    tune.add_argument("--lr-schedule", default="constant", help="constant (MeZO's) or linear decay to 0")
     tune.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
 
 
@@ -69,6 +72,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every=args.checkpoint_every,
         save_model=not args.no_save_model,
+        eval_every=args.eval_every,
+        keep_best=args.keep_best,
+        lr_schedule=args.lr_schedule,
     )
     result = tune(config, progress=not args.json and sys.stderr.isatty())
     if args.json:
@@ -81,6 +87,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         f"peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB "
         f"(inference {result.inference_peak_rss_bytes / 2**20:.0f} MiB)"
     )
+    if result.selected_step is not None:
+        print(f"kept the weights of step {result.selected_step} (best on the dev split)")
     if result.out:
         print(f"saved to {result.out} (model/: tiermem generate --model {Path(result.out) / 'model'})")
     return 0

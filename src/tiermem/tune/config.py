@@ -8,6 +8,10 @@ Methods (``--method``):
 - ``adamw``: full fine-tuning by backpropagation with ``torch.optim.AdamW`` (MeZO's "FT" baseline: Adam, lr from
   its grid {1e-5, 5e-5, 8e-5}, we take 1e-5; weight decay 0).
 - ``lora``: LoRA by backpropagation with AdamW (MeZO's "FT (LoRA)" baseline: lr 1e-4 from its grid {1e-4, 5e-4}).
+
+Model selection (:mod:`tiermem.tune.select`): ``eval_every`` evaluates a dev split every N steps, ``keep_best`` ends
+on the best of those evaluations (MeZO's ``--load_best_model_at_end``), ``lr_schedule`` is ``constant`` (MeZO's) or
+``linear`` decay.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tiermem.errors import TiermemError
+from tiermem.tune.select import SCHEDULES
 from tiermem.tune.zo import ZO_DEFAULTS, ZO_METHODS, ZOHyper
 
 BACKPROP_LR = {"adamw": 1e-5, "lora": 1e-4}
@@ -46,6 +51,9 @@ class TuneConfig:
     checkpoint_every: int = 50  # steps between checkpoints (needs ``out``); the last step always checkpoints
     eval_batch_size: int = 16
     save_model: bool = True  # write the tuned model to ``out/model`` (and the adapter to ``out/adapter``)
+    eval_every: int = 0  # steps between dev evaluations (0: none); they count toward the training peak RSS
+    keep_best: bool = False  # end on the best dev evaluation's weights (needs eval_every)
+    lr_schedule: str = "constant"  # or "linear" (decay to 0 at the last step)
 
     @property
     def zo(self) -> bool:
@@ -90,6 +98,8 @@ class TuneConfig:
             "dtype": self.dtype,
             "lora": self.uses_lora,
             "weight_decay": self.weight_decay,
+            # only when set, so that checkpoints written before the option resume unchanged
+            **({"lr_schedule": self.lr_schedule} if self.lr_schedule != "constant" else {}),
         }
 
     def validate(self) -> None:
@@ -120,3 +130,16 @@ class TuneConfig:
             raise TiermemError("--gradient-checkpointing applies to backprop methods (adamw, lora)")
         if self.resume and self.out is None:
             raise TiermemError("--resume needs --out DIR (the folder of the run to continue)")
+        self._validate_selection()
+
+    def _validate_selection(self) -> None:
+        if self.eval_every < 0:
+            raise TiermemError(f"--eval-every must be 0 or more, got {self.eval_every}")
+        if self.lr_schedule not in SCHEDULES:
+            raise TiermemError(f"unknown --lr-schedule '{self.lr_schedule}': use one of {', '.join(SCHEDULES)}")
+        if self.keep_best and not self.eval_every:
+            raise TiermemError("--keep-best needs --eval-every N (the dev evaluations to choose from)")
+        if self.eval_every and self.weights == "stream":
+            raise TiermemError("--eval-every and --keep-best work with --weights resident")
+        if self.keep_best and self.resume:
+            raise TiermemError("--keep-best cannot --resume: the kept weights are not part of the checkpoint")

@@ -7,7 +7,9 @@ Order of work (every check that can fail on bad input runs before the first forw
 3. measure inference's peak RSS on the first training batch (one forward pass, loss only), evaluate before tuning;
 4. train: each step's seed and batch are functions of (seed, step), so a resumed run repeats the same steps;
    checkpoint every ``checkpoint_every`` steps and at the end; one JSON line per step in ``steps.jsonl``;
-5. evaluate after tuning, save the tuned model, append the result to ``results.jsonl`` and plot the loss curve.
+   with ``eval_every``, evaluate the task's dev split at step 0 and every N steps (:mod:`tiermem.tune.select`);
+5. with ``keep_best``, put back the weights of the best dev evaluation; evaluate after tuning, save the tuned model,
+   append the result to ``results.jsonl`` and plot the loss curve.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 
@@ -26,7 +28,11 @@ from tiermem.stats import peak_rss_bytes, reset_peak_rss
 from tiermem.tune import checkpoint
 from tiermem.tune.config import TuneConfig
 from tiermem.tune.objective import Batch, Objective, batch_indices
+from tiermem.tune.select import KeepBest, dev_examples, scheduled_lr, set_lr
 from tiermem.tune.tasks import load_task
+
+if TYPE_CHECKING:
+    from tiermem.tune.resident import ResidentRunner
 
 STEPS_FILE, RESULTS_FILE = "steps.jsonl", "results.jsonl"
 
@@ -67,6 +73,8 @@ class TuneResult:
     losses: list[float] = field(default_factory=list)
     resumed_from: int = 0
     out: str | None = None
+    dev: list[dict[str, float]] = field(default_factory=list)  # {"step", metric, "loss"} per dev evaluation
+    selected_step: int | None = None  # keep_best: the step whose weights were kept
 
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)
@@ -148,8 +156,11 @@ def tune(config: TuneConfig, progress: bool = False, stop_after: int | None = No
     """
     config.validate()
     task = load_task(config.task)
+    dev_task = replace(task, test=dev_examples(task)) if config.eval_every else None
     start, meta = _open_run(config)
     runner, objective = _make_runner(config, lambda tokenizer: Objective(task, tokenizer))
+    dev_objective = Objective(dev_task, objective.tokenizer) if dev_task else None
+    keep, dev_curve = KeepBest(), []
     try:
         records: list[dict[str, Any]] = list(meta.get("records", [])) if meta else []
         if meta is not None and config.out is not None:
@@ -161,12 +172,17 @@ def tune(config: TuneConfig, progress: bool = False, stop_after: int | None = No
         runner.forward_only(batch_of(start))
         inference_peak = peak_rss_bytes()
         before = meta["before"] if meta else runner.evaluate()
+        base_lr = float(config.settings()["lr"])
+        if dev_objective is not None:
+            dev_curve.append(_dev_eval(runner, dev_objective, start, config, keep))
         reset_peak_rss()
         step_seconds: list[float] = []
         end = config.steps if stop_after is None else min(config.steps, start + stop_after)
         bar = _Bar(progress, config.steps, start)
         for step in range(start, end):
             batch = batch_of(step)
+            if config.lr_schedule != "constant":
+                set_lr(runner, scheduled_lr(base_lr, config.lr_schedule, step, config.steps))
             began = time.perf_counter()
             record = runner.train_step(step, batch)
             step_seconds.append(time.perf_counter() - began)
@@ -185,9 +201,13 @@ def tune(config: TuneConfig, progress: bool = False, stop_after: int | None = No
                     dict(extra, settings=config.settings(), records=records, before=before),
                 )
                 _write_steps(config.out, records)
+            if dev_objective is not None and ((step + 1) % config.eval_every == 0 or last):
+                dev_curve.append(_dev_eval(runner, dev_objective, step + 1, config, keep))
         bar.close()
         train_peak = peak_rss_bytes()
         crashed = stop_after is not None and end < config.steps
+        if config.keep_best and not crashed:
+            keep.restore(_trained_tensors(runner))
         after = before if crashed else runner.evaluate()
         if config.out is not None and config.save_model and not crashed:
             runner.save_model(config.out)
@@ -215,12 +235,29 @@ def tune(config: TuneConfig, progress: bool = False, stop_after: int | None = No
         losses=[r["loss"] for r in records],
         resumed_from=start,
         out=str(config.out) if config.out else None,
+        dev=dev_curve,
+        selected_step=keep.step if config.keep_best and not crashed else None,
     )
     if config.out is not None and not crashed:
         with (config.out / RESULTS_FILE).open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(result.to_dict()) + "\n")
         _plot(config.out, result)
     return result
+
+
+def _trained_tensors(runner: Runner) -> dict[str, torch.Tensor]:
+    """The live trained tensors of a resident runner (``eval_every`` is resident only), by name."""
+    return dict(cast("ResidentRunner", runner).named)
+
+
+def _dev_eval(runner: Runner, dev: Objective, step: int, config: TuneConfig, keep: KeepBest) -> dict[str, float]:
+    """Evaluate the dev split after ``step`` steps; with ``keep_best``, copy the weights if it is the best yet."""
+    model = cast("ResidentRunner", runner).model
+    model.eval()
+    metrics = dev.evaluate(model, config.eval_batch_size)
+    if config.keep_best:
+        keep.observe(step, metrics, _trained_tensors(runner))
+    return {"step": step, **metrics}
 
 
 def _plot(out: Path, result: TuneResult) -> None:
