@@ -13,6 +13,7 @@ from tests.tune_fixtures import make_tiny_tune_model
 from tiermem.cli import main
 from tiermem.errors import TiermemError
 from tiermem.tune import TuneConfig, tune
+from tiermem.tune.stream import StreamRunner
 from tiermem.tune.trainer import TuneResult
 from tiermem.weights.shards import open_store
 
@@ -49,15 +50,50 @@ def test_streamed_zo_equals_resident_zo_bitwise(tied_model: Path, tmp_path: Path
     assert torch.equal(lm.model.state_dict()[name], saved[name])
 
 
+def test_streamed_untied_equals_resident_bitwise(tmp_path: Path) -> None:
+    """Untied embedding and head: the embedding's −ε rows come from the batch's rows, the head goes −ε in place."""
+    untied = make_tiny_tune_model(tmp_path / "model", layers=2, tied=False)
+    resident = _run(untied, tmp_path / "resident", "resident", steps=3, save_model=False)
+    stream = _run(untied, tmp_path / "stream", "stream", steps=3, save_model=False)
+    assert stream.losses == resident.losses and stream.loss_after == resident.loss_after
+
+
+def test_streamed_linear_schedule_equals_resident(tied_model: Path, tmp_path: Path) -> None:
+    """A step's delayed update (applied when the next step reads the layer) uses that step's lr, not the next one's."""
+    resident = _run(tied_model, tmp_path / "resident", "resident", lr_schedule="linear", save_model=False)
+    stream = _run(tied_model, tmp_path / "stream", "stream", lr_schedule="linear", save_model=False)
+    constant = _run(tied_model, tmp_path / "constant", "stream", save_model=False)
+    assert stream.losses == resident.losses and stream.loss_after == resident.loss_after
+    assert stream.losses[2:] != constant.losses[2:]  # the schedule did change the updates
+
+
 def test_streamed_without_overlap_is_the_same_run(tied_model: Path, tmp_path: Path) -> None:
-    """A --weight-memory that leaves room for one layer only: no read-ahead or write-behind, same losses."""
+    """A --weight-memory that leaves room for one layer only: no read-ahead or write-behind, same losses.
+
+    The resident group counts once (no −ε copy of it): resident + 1.5 layers holds one layer, resident + 3 three.
+    """
     reference = _run(tied_model, tmp_path / "ref", "stream", steps=3)
     store = open_store(tmp_path / "ref" / "weights-0")
-    limit = 2 * store.resident_bytes + store.max_layer_bytes + store.max_layer_bytes // 2
+    limit = store.resident_bytes + store.max_layer_bytes + store.max_layer_bytes // 2
     tight = _run(tied_model, tmp_path / "tight", "stream", steps=3, weight_memory=limit)
     assert tight.losses == reference.losses
+    config = TuneConfig(model=str(tied_model), weights="stream", weight_memory=limit)
+    runner = StreamRunner(config, None, _meta_model(tied_model), store, tmp_path)  # type: ignore[arg-type]
+    assert runner.held == 1
+    config.weight_memory = store.resident_bytes + 3 * store.max_layer_bytes
+    assert StreamRunner(config, None, _meta_model(tied_model), store, tmp_path).held == 3  # type: ignore[arg-type]
     with pytest.raises(TiermemError, match="below what one streamed ZO step holds"):
-        _run(tied_model, tmp_path / "none", "stream", steps=3, weight_memory=2 * store.resident_bytes)
+        _run(tied_model, tmp_path / "none", "stream", steps=3, weight_memory=store.resident_bytes)
+
+
+def _meta_model(folder: Path) -> torch.nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    model.tie_weights()
+    return model
 
 
 def test_streamed_resume_after_a_crash(tied_model: Path, tmp_path: Path) -> None:
@@ -88,3 +124,22 @@ def test_stream_rejects_stateful_rules_and_lora(tied_model: Path, capsys: pytest
         code = main(["tune", "--model", str(tied_model), "--method", method, "--weights", "stream"])
         err = capsys.readouterr().err
         assert code == 2 and len(err.strip().splitlines()) == 1 and "--weights stream trains" in err
+
+
+def test_write_layer_is_safetensors_with_its_checksum(tmp_path: Path) -> None:
+    """The layer writer's own safetensors: loadable by safetensors, the SHA-256 is the file's, read back aligned."""
+    from tiermem.tune.checkpoint import sha256_file
+    from tiermem.tune.layer_files import read_aligned, write_layer
+
+    tensors = {
+        "a.weight": torch.randn(3, 5),
+        "b.weight": torch.randn(7).to(torch.bfloat16),
+        "c.bias": torch.randn(2, 2, 2).to(torch.float16),
+    }
+    path = tmp_path / "layer_0000.safetensors"
+    checksum = write_layer(path, tensors)
+    assert checksum == sha256_file(path) and not path.with_name(path.name + ".tmp").exists()
+    for loaded in (load_file(str(path)), read_aligned(path)):
+        assert loaded.keys() == tensors.keys()
+        for name, tensor in tensors.items():
+            assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name

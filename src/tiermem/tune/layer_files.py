@@ -2,33 +2,58 @@
 
 Every decoder layer is one safetensors file (:mod:`tiermem.weights.shards`' layout). A streamed step reads each file
 once (:func:`read_aligned`) and writes the updated layer once (:func:`write_layer`: temporary file, fsync, rename,
-SHA-256 of what was written).
+SHA-256 of what was written, hashed from the tensors' memory as it is written).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from tiermem.errors import TiermemError
-from tiermem.tune.checkpoint import sha256_file
-from tiermem.weights.shards import LayerStore, read_group, read_header
+from tiermem.weights.shards import LayerStore, read_header
 from tiermem.weights.stream import _set_parameter, _tied_aliases
+
+_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
 def write_layer(path: Path, tensors: dict[str, torch.Tensor]) -> str:
-    """Save one layer atomically (temporary file, fsync, rename); return the file's SHA-256."""
+    """Save one layer atomically (temporary file, fsync, rename) as safetensors; return the file's SHA-256.
+
+    Written here rather than by ``safetensors.torch.save_file``, which first copies every tensor into one ``bytes``
+    (a second copy of the layer in RAM while it writes); each tensor's memory goes to the file as it is, and the
+    SHA-256 is taken from the same buffers on the way (not by reading the file back). ``hashlib`` and the writes
+    release the GIL, so this runs beside the compute thread. The layout is the format's own: an 8-byte
+    little-endian header length, the JSON header padded with spaces to 8 bytes, then the data.
+    """
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, tensor in tensors.items():
+        end = offset + tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    blocks: list[bytes | memoryview] = [struct.pack("<Q", len(text)), text]
+    for tensor in tensors.values():
+        blocks.append(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]
+    digest = hashlib.sha256()
     temp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(temp))
-    with temp.open("rb+") as handle:
+    with temp.open("wb", buffering=0) as handle:
+        for block in blocks:
+            digest.update(block)
+            view = memoryview(block)
+            while view:  # a raw write may be short
+                view = view[handle.write(view) :]
         os.fsync(handle.fileno())
-    checksum = sha256_file(temp)  # read back from the page cache, on the writer thread
     temp.replace(path)
-    return checksum
+    return digest.hexdigest()
 
 
 def read_aligned(path: Path) -> dict[str, torch.Tensor]:
@@ -64,8 +89,8 @@ def numel(shape: tuple[int, ...]) -> int:
 
 def load_resident(model: nn.Module, store: LayerStore) -> None:
     aliases = _tied_aliases(model)
-    tensors = read_group(store.resident)
-    params = {name: nn.Parameter(t.clone(), requires_grad=False) for name, t in tensors.items()}
+    tensors = read_aligned(store.resident.path)  # one allocation per tensor: no second copy of the group to clone
+    params = {name: nn.Parameter(t, requires_grad=False) for name, t in tensors.items()}
     for name, param in params.items():
         _set_parameter(model, name, param)
     for alias, owner in aliases.items():

@@ -14,11 +14,17 @@ Here the slow tier is the disk and the fast one is RAM:
   update of the previous step (seed, g), perturb +ε, run rows ``[:B]``, perturb −2ε, run ``[B:]``, perturb +ε,
   then hand the layer to a writer thread that saves it (temporary file, fsync, rename) into the other generation
   folder. So each layer is read once and written once per step, and at most three layers are in RAM (the next
-  being read, the current, the previous being written), or one without overlap when ``--weight-memory`` is tight;
-- the resident group stays in RAM, held twice during a step (its +ε values in place and a −ε copy, swapped in for
-  rows ``[B:]``), so a tied embedding and head see the same perturbed bytes at both ends, exactly as resident MeZO;
+  being read, the current, the previous being written), or one without overlap when ``--weight-memory`` is tight
+  (an earlier version held the resident group twice, +ε and a −ε copy: 384 MiB more on the 1.1B checkpoint, which
+  left room for one layer only under ``--weight-memory 1GB`` in float32);
+- the resident group stays in RAM, once: each of its modules runs rows ``[:B]`` on the +ε values, is perturbed −2ε
+  in place, runs rows ``[B:]`` and is restored (+ε) in place, the resident run's operations in its order. The input
+  embedding is the exception, because a tied head still needs its +ε values at the end of the pass: its rows
+  ``[B:]`` look up only the batch's token rows at −ε, computed from the +ε rows and the z rows kept while the
+  step's +ε perturbation went by (a few rows, not a −ε copy of the matrix);
 - generations alternate between two folders and the checkpoint (written after every step, a small JSON) names the
-  folder and the pending (seed, g); a crash mid-step leaves the previous folder and checkpoint whole.
+  folder and the pending (seed, g, lr); a crash mid-step leaves the previous folder and checkpoint whole. The lr
+  travels with (seed, g) because a schedule (``--lr-schedule``) changes it before the delayed update is applied.
 
 Each tensor goes through the same operations in the same order as in the resident run (restore, update, perturb),
 and each row of the doubled batch through the same kernels, so the losses are those of the resident ZO run for the
@@ -34,6 +40,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +53,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from tiermem.errors import TiermemError
 from tiermem.tune.checkpoint import sha256_file
 from tiermem.tune.config import TuneConfig
+from tiermem.tune.dual_batch import add_noise_keeping_rows, join, split_call
 from tiermem.tune.layer_files import load_resident, numel, read_aligned, write_layer
 from tiermem.tune.objective import Batch, Objective
 from tiermem.tune.perturb import add_noise_, step_seed
@@ -55,31 +63,6 @@ from tiermem.weights.stream import _set_parameter, _tied_aliases, decoder_layers
 
 MIB = 2**20
 STREAM_RULES = ("zo-sgd", "zo-sgd-sign")
-
-
-def _halves(value: Any, rows: int) -> tuple[Any, Any]:
-    """Split a tensor whose first dimension is the doubled batch (or a tuple of such) into its two halves."""
-    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == 2 * rows:
-        return value[:rows], value[rows:]
-    if isinstance(value, tuple) and any(torch.is_tensor(v) for v in value):
-        pairs = [_halves(v, rows) for v in value]
-        return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
-    return value, value
-
-
-def _split_call(args: tuple[Any, ...], kwargs: dict[str, Any], rows: int) -> list[tuple[tuple[Any, ...], dict]]:
-    """The (args, kwargs) of the +ε rows and of the −ε rows of a layer call on the doubled batch."""
-    arg_pairs = [_halves(a, rows) for a in args]
-    kw_pairs = {k: _halves(v, rows) for k, v in kwargs.items()}
-    return [(tuple(p[half] for p in arg_pairs), {k: p[half] for k, p in kw_pairs.items()}) for half in (0, 1)]
-
-
-def _join(first: Any, second: Any) -> Any:
-    if torch.is_tensor(first):
-        return torch.cat([first, second])
-    if isinstance(first, tuple):
-        return tuple(_join(a, b) for a, b in zip(first, second, strict=True))
-    return first
 
 
 class StreamRunner:
@@ -92,7 +75,7 @@ class StreamRunner:
         self.num_layers = len(self.layers)
         self.folder = store.folder  # the generation holding the current weights
         self.layer_bytes = store.max_layer_bytes
-        self.pending: tuple[int, float] | None = None  # (seed, g) of the step whose update is not yet applied
+        self.pending: tuple[int, float, float] | None = None  # (seed, g, lr) of the step not yet applied
         self.mode = "eval"
         self.seed = 0
         self._placeholders = [dict(layer.named_parameters()) for layer in self.layers]
@@ -103,13 +86,22 @@ class StreamRunner:
         self._writes: list[tuple[int, Future[str]]] = []
         self.checksums: dict[int, str] = {}  # layer -> SHA-256 of its file in the current generation
         self._resident_named = [(n, p) for n, p in model.named_parameters() if not n.startswith("model.layers.")]
-        self._minus: dict[int, torch.Tensor] = {}  # id(parameter) -> its −ε values during a step
+        self._names = {id(p): n for n, p in self._resident_named}
+        embedding = model.get_input_embeddings()  # type: ignore[operator]
+        self._embedding = embedding if isinstance(embedding, nn.Embedding) else None
+        self._lookup: tuple[torch.Tensor, torch.Tensor] | None = None  # the batch's token ids, their −ε rows
+        self._restored: set[int] = set()  # id of each resident parameter already back at θ in this step
         shards = (store.resident, *store.layers)
         self.trained_parameters = sum(numel(e.shape) for shard in shards for e in shard.tensors)
         for index, layer in enumerate(self.layers):
             layer.forward = self._dual_layer(index, layer.forward)
+        users: dict[int, int] = {}
         for module in self._resident_modules():
             module.forward = self._dual_resident(module, module.forward)
+            for p in module.parameters(recurse=False) if module is not self._embedding else ():
+                users[id(p)] = users.get(id(p), 0) + 1
+        if any(count > 1 for count in users.values()):  # the in-place −ε of a second user would see θ, not +ε
+            raise TiermemError("--weights stream: a weight shared by two modules besides the embedding")
 
     # --- setup -------------------------------------------------------------------------------------------------
 
@@ -148,16 +140,20 @@ class StreamRunner:
         return cls(config, objective, model, store, root)
 
     def _layers_held(self, store: LayerStore) -> int:
-        """3 layers in RAM (read ahead, compute, write behind) if ``--weight-memory`` allows, else 1; else an error."""
+        """3 layers in RAM (read ahead, compute, write behind) if ``--weight-memory`` allows, else 1; else an error.
+
+        The resident group counts once (its −ε lives in place); the batch's −ε embedding rows are left out (a few
+        hundred rows).
+        """
         limit = self.config.weight_memory
-        base = 2 * store.resident_bytes  # the resident group and its −ε copy
+        base = store.resident_bytes
         if limit is None or limit >= base + 3 * self.layer_bytes:
             return 3
         if limit >= base + self.layer_bytes:
             return 1
         raise TiermemError(
             f"--weight-memory {limit / MIB:.0f} MiB is below what one streamed ZO step holds: the resident tensors "
-            f"twice ({base / MIB:.0f} MiB, +ε and −ε) plus one layer ({self.layer_bytes / MIB:.0f} MiB): give at "
+            f"({base / MIB:.0f} MiB) plus one layer ({self.layer_bytes / MIB:.0f} MiB): give at "
             f"least {(base + self.layer_bytes) / MIB:.0f} MiB"
         )
 
@@ -177,10 +173,16 @@ class StreamRunner:
     def _read(self, index: int) -> dict[str, torch.Tensor]:
         tensors = read_aligned(self._path(self.folder, index))
         if self.pending is not None:  # ZO2's delayed update: the previous step's rule, applied on arrival
-            seed, g = self.pending
             for name, tensor in tensors.items():
-                self.zo.update_tensor(name, tensor, seed, g)
+                self._apply_pending(name, tensor)
         return tensors
+
+    def _apply_pending(self, name: str, tensor: torch.Tensor) -> None:
+        """The previous step's update of one tensor, with that step's lr (the schedule may have moved on since)."""
+        assert self.pending is not None
+        seed, g, lr = self.pending
+        rule = self.zo if self.zo.hyper.lr == lr else ZOOptimizer(self.zo.method, replace(self.zo.hyper, lr=lr))
+        rule.update_tensor(name, tensor, seed, g)
 
     def _acquire(self, index: int) -> dict[str, torch.Tensor]:
         future = self._reads.pop(index, None)
@@ -219,7 +221,7 @@ class StreamRunner:
                 rows = hidden.shape[0] // 2
                 named = list(tensors.items())
                 eps = self.zo.hyper.eps
-                (args_plus, kw_plus), (args_minus, kw_minus) = _split_call(args, kwargs, rows)
+                (args_plus, kw_plus), (args_minus, kw_minus) = split_call(args, kwargs, rows)
                 for name, tensor in named:
                     add_noise_(tensor, self.seed, name, eps)
                 out_plus = forward(hidden[:rows], *args_plus, **kw_plus)
@@ -229,7 +231,7 @@ class StreamRunner:
                 for name, tensor in named:
                     add_noise_(tensor, self.seed, name, eps)
                 self._save(index, tensors)
-                return _join(out_plus, out_minus)
+                return join(out_plus, out_minus)
             finally:
                 for name, placeholder in self._placeholders[index].items():
                     _set_parameter(layer, name, placeholder)
@@ -242,18 +244,35 @@ class StreamRunner:
                 return forward(x, *args, **kwargs)
             rows = x.shape[0] // 2
             out_plus = forward(x[:rows], *args, **kwargs)
-            params = dict(module.named_parameters(recurse=False))
-            saved = {k: p.data for k, p in params.items()}
-            for p in params.values():
-                p.data = self._minus[id(p)]
-            try:
-                out_minus = forward(x[rows:], *args, **kwargs)
-            finally:
-                for k, p in params.items():
-                    p.data = saved[k]
+            if module is self._embedding:
+                out_minus = self._lookup_minus(module, forward, x[rows:], *args, **kwargs)
+            else:  # θ+εz -> θ−εz, rows [B:], -> θ: the resident run's three operations on this tensor
+                named = [(self._names[id(p)], p) for p in module.parameters(recurse=False)]
+                for name, p in named:
+                    add_noise_(p.data, self.seed, name, -2 * self.zo.hyper.eps)
+                try:
+                    out_minus = forward(x[rows:], *args, **kwargs)
+                finally:
+                    for name, p in named:
+                        add_noise_(p.data, self.seed, name, self.zo.hyper.eps)
+                        self._restored.add(id(p))
             return torch.cat([out_plus, out_minus])
 
         return dual
+
+    def _lookup_minus(
+        self, module: nn.Embedding, forward: Callable[..., Any], ids: torch.Tensor, *args: Any, **kw: Any
+    ) -> Any:
+        """The embedding of the −ε rows from the batch's −ε table rows: ``ids`` (B, T) renumbered into them."""
+        assert self._lookup is not None
+        wanted, rows = self._lookup
+        weight, padding = module.weight, module.padding_idx
+        saved = weight.data
+        weight.data, module.padding_idx = rows, None  # padding_idx only shapes gradients; its index is gone here
+        try:
+            return forward(torch.searchsorted(wanted, ids), *args, **kw)
+        finally:
+            weight.data, module.padding_idx = saved, padding
 
     # --- the runner interface ------------------------------------------------------------------------------------
 
@@ -274,13 +293,14 @@ class StreamRunner:
         eps = self.zo.hyper.eps
         if self.pending is not None:  # the resident group is in RAM: its pending update is applied now
             self._update_resident()
-        minus = {}
+        self._restored = set()
         for name, param in self._resident_named:
-            add_noise_(param.data, seed, name, eps)
-            copy = param.data.clone()
-            add_noise_(copy, seed, name, -2 * eps)
-            minus[id(param)] = copy
-        self._minus = minus
+            if self._embedding is not None and param is self._embedding.weight:
+                wanted = torch.unique(batch.input_ids)  # sorted
+                z_rows = add_noise_keeping_rows(param.data, seed, name, eps, wanted)
+                self._lookup = (wanted, param.data[wanted].add_(z_rows, alpha=-2 * eps))  # (θ+εz)−2εz, those rows
+            else:
+                add_noise_(param.data, seed, name, eps)
         self.mode, self.seed = "dual", seed
         self._target().mkdir(exist_ok=True)
         doubled = Batch(
@@ -293,21 +313,20 @@ class StreamRunner:
         rows = batch.input_ids.shape[0]
         plus = float(self.objective.loss_from_logits(logits[:rows], batch))
         minus_loss = float(self.objective.loss_from_logits(logits[rows:], batch))
-        for name, param in self._resident_named:  # restore: θ = (θ − εz) + εz, the resident run's operations
-            param.data.copy_(self._minus[id(param)])
-            add_noise_(param.data, seed, name, eps)
-        self._minus = {}
+        for name, param in self._resident_named:  # an untied embedding is still at +ε: the resident run's −2ε, +ε
+            if id(param) not in self._restored:
+                add_noise_(param.data, seed, name, -2 * eps)
+                add_noise_(param.data, seed, name, eps)
+        self._lookup = None
         self._finish_writes()
         g = self.zo.projected_grad(plus, minus_loss)
         self.zo.begin_update()
-        self.pending = (seed, g)
+        self.pending = (seed, g, self.zo.hyper.lr)
         return {"loss": (plus + minus_loss) / 2, "loss_plus": plus, "loss_minus": minus_loss, "projected_grad": g}
 
     def _update_resident(self) -> None:
-        assert self.pending is not None
-        seed, g = self.pending
         for name, param in self._resident_named:
-            self.zo.update_tensor(name, param.data, seed, g)
+            self._apply_pending(name, param.data)
 
     def _finish_writes(self) -> None:
         for index, future in self._writes:
@@ -355,7 +374,9 @@ class StreamRunner:
                     param.data.copy_(resident[name])
         self.folder = folder
         pending = stream.get("pending")
-        self.pending = (int(pending[0]), float(pending[1])) if pending else None
+        # A checkpoint from before the lr travelled with (seed, g) ran a constant lr: the configured one.
+        lr = float(pending[2]) if pending and len(pending) > 2 else self.zo.hyper.lr
+        self.pending = (int(pending[0]), float(pending[1]), lr) if pending else None
         self.zo.updates = int(meta["step"])
 
     def save_model(self, out: Path) -> None:
