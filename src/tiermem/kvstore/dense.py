@@ -85,10 +85,15 @@ class KVBuffer:
         if needed > self.capacity:
             self._reallocate(max(needed, int(self.capacity * 1.25), self.capacity + self.min_growth))
         end = self.length + t
-        self.keys[:, :, self.length : end] = self._encode(keys)
-        self.values[:, :, self.length : end] = self._encode(values)
+        if self.format.quantized:  # one encode for both (a decode step's cost is per operation)
+            rows = self.format.encode(torch.cat((keys, values)))
+            self.keys[:, :, self.length : end], self.values[:, :, self.length : end] = rows[:1], rows[1:]
+        else:
+            self.keys[:, :, self.length : end] = self._encode(keys)
+            self.values[:, :, self.length : end] = self._encode(values)
         self.positions[:, self.length : end] = positions
-        self.scores[:, self.length : end] = 0.0
+        if self.scores.shape[0]:
+            self.scores[:, self.length : end] = 0.0
         self.length = end
 
     def _encode(self, rows: torch.Tensor) -> torch.Tensor:

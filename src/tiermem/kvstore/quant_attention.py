@@ -50,23 +50,15 @@ def int8_attention(
             return fast
     chunk = chunk_tokens or chunk_tokens_for(hq, t)
     grouped = q.float().reshape(1, hkv, g * t, d)  # query heads of one KV head are adjacent (GQA's layout)
+    if s <= chunk:  # one chunk (every decode step up to 8k keys): one softmax, no running statistics
+        return _one_chunk(grouped, keys, values, fmt, q_pos, k_pos, info).view(1, hq, t, d).to(q.dtype)
     running_max = torch.full((1, hkv, g * t, 1), float("-inf"))
     running_sum = torch.zeros(1, hkv, g * t, 1)
     acc = torch.zeros(1, hkv, g * t, d)
     for start in range(0, s, chunk):
         end = min(s, start + chunk)
-        k_int, k_scale = fmt.split(keys[:, :, start:end])  # (1, Hkv, C, D) int8, (1, Hkv, C, 1) float32
+        logits = _chunk_logits(grouped, keys[:, :, start:end], fmt, q_pos, k_pos[start:end], info)
         v_int, v_scale = fmt.split(values[:, :, start:end])
-        logits = grouped @ k_int.to(torch.float32).transpose(-1, -2)  # (1, Hkv, G*T, C)
-        logits = logits * (k_scale.transpose(-1, -2) * info.scaling)
-        if info.softcap is not None:
-            logits = torch.tanh(logits / info.softcap) * info.softcap
-        kp = k_pos[start:end]
-        visible = kp[None, :] <= q_pos[:, None]  # (T, C)
-        if info.sliding_window is not None:
-            visible &= kp[None, :] > q_pos[:, None] - info.sliding_window
-        if not bool(visible.all()):
-            logits = logits.view(1, hkv, g, t, -1).masked_fill(~visible, float("-inf")).view(1, hkv, g * t, -1)
         new_max = torch.maximum(running_max, logits.amax(dim=-1, keepdim=True))
         shift = new_max.masked_fill(new_max == float("-inf"), 0.0)  # rows that saw no visible key yet
         probs = torch.exp(logits - shift)
@@ -75,3 +67,39 @@ def int8_attention(
         acc = acc * correction + (probs * v_scale.transpose(-1, -2)) @ v_int.to(torch.float32)
         running_max = new_max
     return (acc / running_sum).view(1, hq, t, d).to(q.dtype)
+
+
+def _chunk_logits(
+    grouped: torch.Tensor, keys: torch.Tensor, fmt: KVFormat, q_pos: torch.Tensor, k_pos: torch.Tensor, info: LayerInfo
+) -> torch.Tensor:
+    """Scaled, soft-capped and masked float32 logits (1, Hkv, G*T, C) of ``grouped`` queries (1, Hkv, G*T, D) over
+    int8 ``keys`` (1, Hkv, C, D + 4) at positions ``k_pos`` (C,)."""
+    hkv, g, t = info.num_kv_heads, info.group_size, q_pos.shape[0]
+    k_int, k_scale = fmt.split(keys)  # (1, Hkv, C, D) int8, (1, Hkv, C, 1) float32
+    logits = grouped @ k_int.to(torch.float32).transpose(-1, -2)
+    logits = logits * (k_scale.transpose(-1, -2) * info.scaling)
+    if info.softcap is not None:
+        logits = torch.tanh(logits / info.softcap) * info.softcap
+    visible = k_pos[None, :] <= q_pos[:, None]  # (T, C)
+    if info.sliding_window is not None:
+        visible &= k_pos[None, :] > q_pos[:, None] - info.sliding_window
+    if not bool(visible.all()):
+        logits = logits.view(1, hkv, g, t, -1).masked_fill(~visible, float("-inf")).view(1, hkv, g * t, -1)
+    return logits
+
+
+def _one_chunk(
+    grouped: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    fmt: KVFormat,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    info: LayerInfo,
+) -> torch.Tensor:
+    """:func:`int8_attention` when all keys fit one chunk: ``grouped`` (1, Hkv, G*T, D) -> (1, Hkv, G*T, D) float32.
+    The same arithmetic as the loop's first step, in a third of its operations (a decode step's Python and
+    dispatch cost is per operation)."""
+    probs = _chunk_logits(grouped, keys, fmt, q_pos, k_pos, info).softmax(dim=-1)
+    v_int, v_scale = fmt.split(values)
+    return (probs * v_scale.transpose(-1, -2)) @ v_int.to(torch.float32)
