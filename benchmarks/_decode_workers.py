@@ -69,7 +69,10 @@ def worker_llamacpp(row: dict[str, Any], steps: int, threads: int) -> dict[str, 
     run(row["context_ids"][:WARMUP_CONTEXT] + row["question_ids"], WARMUP_STEPS)
     reset_peak_rss()
     prefill, times, out = run(ids, steps)
+    head_dim = L.llama_model_n_embd(model) // L.llama_model_n_head(model)
+    kv_bytes = 2 * L.llama_model_n_layer(model) * L.llama_model_n_head_kv(model) * head_dim * len(ids) * 2  # f16
     result = {
+        "bytes_per_token": int(L.llama_model_size(model)) + kv_bytes,  # every tensor (the head reads the tied table)
         "prompt_tokens": len(ids),
         "prefill_seconds": prefill,
         "decode_seconds": sum(times),
@@ -103,35 +106,80 @@ def _tiermem_prompt(row: dict[str, Any], context_tokens: int | None = None) -> A
     return Prompt(torch.tensor([context]), torch.tensor([row["question_ids"]]), row["style"])
 
 
-def worker_tiermem(row: dict[str, Any], steps: int, threads: int, policy_name: str) -> dict[str, Any]:
+def read_bandwidth_gb_s(threads: int) -> float:
+    """Streaming read bandwidth with ``threads`` threads: the best of 5 sums over 512 MiB (written first, so not
+    the shared zero page). The roofline's denominator."""
+    import torch
+
+    torch.set_num_threads(threads)
+    big = torch.ones(2**27)
+    best = float("inf")
+    for _ in range(6):
+        t = time.perf_counter()
+        big.sum()
+        best = min(best, time.perf_counter() - t)
+    return big.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_token(model: Any) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer once, except the embedding table when
+    the LM head does not read it (the lookup reads one row). Tied float weights count once."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    table = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if getattr(head, "weight", None) is not table:
+        total -= table.numel() * table.element_size()
+    return total
+
+
+def worker_tiermem(
+    row: dict[str, Any], steps: int, threads: int, policy_name: str, fast: bool = False
+) -> dict[str, Any]:
+    """tiermem's ``generate`` on the row; ``fast``: in the formats ``--formats fast`` picks (bf16, weights in the
+    checkpoint's bits, int8 KV), else float32."""
+    import argparse
+
     import torch
 
     import tiermem.engine as engine
     from tiermem.engine import GenerationConfig, generate
+    from tiermem.formats import apply_preset
+    from tiermem.kvstore.blocks import StoreConfig
     from tiermem.memory import build
     from tiermem.models import load
 
     torch.set_num_threads(threads)
     engine.stop_token_ids = lambda lm: set()  # ignore EOS: every system does exactly `steps` decode forwards
-    lm = load("smollm2")
+    preset = argparse.Namespace(formats="fast" if fast else "exact", dtype=None, weights_quant=None, kv_dtype=None)
+    apply_preset(preset)
+    lm = load("smollm2", preset.dtype, weights_quant=preset.weights_quant)
+    store = StoreConfig(kv_dtype=preset.kv_dtype)
 
     def policy() -> Any:
         return build("snapkv", kv_budget=SNAPKV_BUDGET) if policy_name == "snapkv" else build("full")
 
-    generate(lm, _tiermem_prompt(row, WARMUP_CONTEXT), policy(), GenerationConfig(max_new_tokens=WARMUP_STEPS + 1))
+    warm = GenerationConfig(max_new_tokens=WARMUP_STEPS + 1, store=store)
+    generate(lm, _tiermem_prompt(row, WARMUP_CONTEXT), policy(), warm)
     reset_peak_rss()
     prompt = _tiermem_prompt(row)
     # max_new_tokens = steps + 1: the first new token comes from the prefill's logits, then `steps` decode forwards.
-    r = generate(lm, prompt, policy(), GenerationConfig(max_new_tokens=steps + 1))
+    r = generate(lm, prompt, policy(), GenerationConfig(max_new_tokens=steps + 1, store=store))
+    peak = peak_rss_mib()
+    weights = weight_bytes_per_token(lm.model)
     return {
+        "bytes_per_token": weights + r.stats.kv_bytes_decode,
+        "read_bandwidth_gb_s": read_bandwidth_gb_s(threads),
+        "formats": r.stats.extra.get("weights_format", "") + "/" + str(r.stats.extra.get("kv_dtype", "")),
         "prompt_tokens": prompt.num_tokens,
         "prefill_seconds": r.stats.prefill_seconds,
         "decode_seconds": r.stats.decode_seconds,
         "decode_steps": r.stats.decode_steps,
         "token_ids": r.token_ids,
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": peak,
         "settings": {
-            "policy": repr(build("snapkv", kv_budget=SNAPKV_BUDGET) if policy_name == "snapkv" else build("full")),
+            "policy": repr(policy()),
+            "weight_bytes_per_token": weights,
             "kv_tokens": r.stats.kv_tokens,
             "kv_bytes_decode": r.stats.kv_bytes_decode,
             "tiermem_peak_rss_mib": r.stats.peak_rss_bytes / 2**20,

@@ -77,6 +77,8 @@ SYSTEMS = {
     "llamacpp": "llama.cpp Q4_1",
     "full": "tiermem full (fp32)",
     "snapkv": "tiermem snapkv@512 (fp32)",
+    "fast": "tiermem full (default formats)",
+    "fast-snapkv": "tiermem snapkv@512 (default formats)",
     "hf": "HF generate (fp32)",
 }
 RESULT_TAG = "RESULT "
@@ -134,6 +136,8 @@ WORKERS = {
     "llamacpp": lambda row, a: worker_llamacpp(row, a.steps, a.threads),
     "full": lambda row, a: worker_tiermem(row, a.steps, a.threads, "full"),
     "snapkv": lambda row, a: worker_tiermem(row, a.steps, a.threads, "snapkv"),
+    "fast": lambda row, a: worker_tiermem(row, a.steps, a.threads, "full", fast=True),
+    "fast-snapkv": lambda row, a: worker_tiermem(row, a.steps, a.threads, "snapkv", fast=True),
     "hf": lambda row, a: worker_hf(row, a.steps, a.threads),
     "profile": lambda row, a: worker_profile(row, a.steps, a.threads),
 }
@@ -203,11 +207,14 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 def markdown(results: list[dict[str, Any]], systems: list[str]) -> str:
     head = (
         "| prompt tokens | system | prefill tok/s | decode tok/s | decode ms/step | decode steps | peak RSS MiB "
-        "| prefill ÷ llama.cpp | decode ÷ llama.cpp | tokens = llama.cpp's | other CPU load |"
+        "| prefill ÷ llama.cpp | decode ÷ llama.cpp | tokens = llama.cpp's | MB read / token | roofline tok/s "
+        "| achieved ÷ roofline | other CPU load |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 14]
     for length_results in results:
         ref = length_results["systems"].get("llamacpp")
+        # The roofline's bandwidth is the machine's (measured by the tiermem workers at the same thread count).
+        rates = [r["read_bandwidth_gb_s"] for r in length_results["systems"].values() if "read_bandwidth_gb_s" in r]
         for system in systems:
             r = length_results["systems"][system]
             prefill = r["prompt_tokens"] / r["prefill_seconds"]
@@ -225,9 +232,19 @@ def markdown(results: list[dict[str, Any]], systems: list[str]) -> str:
             step_ms = r["decode_seconds"] / r["decode_steps"] * 1e3
             cells = [str(r["prompt_tokens"]), SYSTEMS[system], f"{prefill:.0f}", f"{decode:.1f}", f"{step_ms:.1f}"]
             cells += [str(r["decode_steps"]), f"{r['peak_rss_mib']:.0f}", *ratios]
+            cells += roofline_cells(r, max(rates) if rates else None, decode)
             cells.append(f"{r.get('other_cpu_load_during', 0.0):.0%}")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def roofline_cells(r: dict[str, Any], bandwidth_gb_s: float | None, decode: float) -> list[str]:
+    """MB read per decoded token (weights + KV), the tokens/s that reading alone allows at the measured bandwidth,
+    and the achieved share of it."""
+    if "bytes_per_token" not in r or not bandwidth_gb_s:
+        return ["—", "—", "—"]
+    ceiling = bandwidth_gb_s * 1e9 / r["bytes_per_token"]
+    return [f"{r['bytes_per_token'] / 1e6:.0f}", f"{ceiling:.0f}", f"{decode / ceiling:.0%}"]
 
 
 def answer_texts(results: list[dict[str, Any]]) -> list[str]:

@@ -203,7 +203,8 @@ def test_generate_and_bench_share_one_config_tree(tmp_path: Path) -> None:
     shared = ["--chunk-size", "1k", "--kv-store", "disk", "--kv-dir", str(tmp_path), "--kv-alloc", "paged"]
     gen = build_parser().parse_args(["generate", "--context", "x", "--temperature", "0.5", *shared])
     bench = build_parser().parse_args(["bench", "--suite", "ruler", *shared])
-    store = StoreConfig(backend="disk", folder=str(tmp_path), allocator="paged")
+    store = StoreConfig(backend="disk", folder=str(tmp_path), allocator="paged", kv_dtype=gen.kv_dtype)
+    assert gen.kv_dtype == bench.kv_dtype  # the --formats preset fills both alike
     assert gen.max_new_tokens == 32 and bench.max_new_tokens is None  # bench: each task's own by default
     from_bench = generation_config(bench, max_new_tokens=16)
     assert generation_config(gen).store == from_bench.store == store

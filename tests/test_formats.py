@@ -16,6 +16,7 @@ from tests.conftest import VOCAB, tiny
 from tests.test_policy_matrix import covering
 from tests.test_policy_matrix import run as matrix_run
 from tiermem.errors import TiermemError
+from tiermem.formats import cpu_has_bf16
 from tiermem.kvstore import ALLOCATORS, make_buffer
 from tiermem.kvstore.blocks import StoreConfig
 from tiermem.kvstore.dense import KVBuffer
@@ -272,10 +273,16 @@ def test_generate_reports_the_formats_that_ran(capsys: pytest.CaptureFixture[str
     from tests.test_cli import run_cli
 
     base = ["generate", "--model", str(tiny_model_dir), "--context", "The pass key is 4321. " * 10]
-    code, out, _ = run_cli(capsys, *base, "--policy", "full", "--max-new-tokens", "3", "--json")
+    code, out, _ = run_cli(capsys, *base, "--policy", "full", "--max-new-tokens", "3", "--json", "--formats", "exact")
     assert code == 0
     extra = json.loads(out)["extra"]
     assert (extra["weights_format"], extra["kv_dtype"]) == ("float32", "float32")
+    code, out, _ = run_cli(capsys, *base, "--policy", "full", "--max-new-tokens", "3", "--json")  # --formats fast
+    assert code == 0
+    extra = json.loads(out)["extra"]
+    # A float checkpoint has no 4-bit layers: fast takes int8 weights (where the CPU has bfloat16).
+    fast = ("int8", "bfloat16", "int8") if cpu_has_bf16() else ("float32", "float32", "float32")
+    assert (extra["weights_format"], extra["compute_dtype"], extra["kv_dtype"]) == fast
     flags = ["--dtype", "bfloat16", "--weights-quant", "int4", "--kv-dtype", "int8", "--policy", "full"]
     code, out, _ = run_cli(capsys, *base, *flags, "--max-new-tokens", "3", "--json")
     assert code == 0

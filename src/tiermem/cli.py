@@ -22,6 +22,17 @@ class _Parser(argparse.ArgumentParser):
         print(f"tiermem: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT)
 
+    def parse_known_args(  # type: ignore[override]
+        self, args: Any = None, namespace: Any = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        """Parse, then let ``--formats`` fill the format flags not given (:func:`tiermem.formats.apply_preset`)."""
+        parsed, extras = super().parse_known_args(args, namespace)
+        if hasattr(parsed, "formats"):
+            from tiermem.formats import apply_preset
+
+            apply_preset(parsed)
+        return parsed, extras
+
 
 def make_policy(name: str, kv_budget: int | None, compression_ratio: float | None, options: list[str]) -> Any:
     """Build a policy from CLI arguments; ``options`` are ``key=value`` strings for its dataclass fields."""

@@ -16,21 +16,30 @@ if TYPE_CHECKING:
     from tiermem.engine import GenerationConfig
 
 
-def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
-    """The number formats: ``--dtype`` (weights and activations), ``--weights-quant`` with ``--quant-group``, and
-    ``--kv-dtype`` (how KV rows are stored)."""
+def add_dtype_arg(parser: argparse.ArgumentParser, preset: str = "fast") -> None:
+    """The number formats: ``--formats`` (a preset, default ``preset``), and the parts it sets unless given:
+    ``--dtype`` (weights and activations), ``--weights-quant`` with ``--quant-group``, and ``--kv-dtype`` (how KV
+    rows are stored). :func:`tiermem.formats.apply_preset` fills the parts after parsing."""
+    from tiermem.formats import PRESETS
     from tiermem.kvstore.quant import KV_DTYPES
     from tiermem.models import DTYPES
     from tiermem.weights.quant import DEFAULT_INT4_GROUP, INT4_GROUP_SIZES, WEIGHT_QUANTS
 
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight and activation dtype")
     parser.add_argument(
-        "--weights-quant", default="none", choices=list(WEIGHT_QUANTS), help="weight-only quantized Linear layers"
+        "--formats",
+        default=preset,
+        choices=list(PRESETS),
+        help=f"number formats (default {preset}): fast = bf16 + weights in the checkpoint's bits + int8 KV "
+        "where the CPU has bf16; exact = float32 as loaded",
+    )
+    parser.add_argument("--dtype", choices=list(DTYPES), help="weight and activation dtype (default: --formats)")
+    parser.add_argument(
+        "--weights-quant", choices=list(WEIGHT_QUANTS), help="weight-only quantized Linear layers (default: --formats)"
     )
     parser.add_argument(
         "--quant-group", type=int, default=DEFAULT_INT4_GROUP, choices=list(INT4_GROUP_SIZES), help="int4 group size"
     )
-    parser.add_argument("--kv-dtype", default="auto", choices=list(KV_DTYPES), help="KV storage (auto: --dtype)")
+    parser.add_argument("--kv-dtype", choices=list(KV_DTYPES), help="KV storage (default: --formats; auto: --dtype)")
 
 
 def load_options(args: argparse.Namespace) -> dict[str, Any]:

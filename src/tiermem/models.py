@@ -6,6 +6,7 @@ first load converts them once into a safetensors folder under the tiermem cache;
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -21,6 +22,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tiermem.errors import TiermemError
+from tiermem.formats import save_gguf_types, source_types, weight_modes
 from tiermem.weights.flash import FlashConfig, FlashWeights
 from tiermem.weights.quant import DEFAULT_INT4_GROUP, check_weight_quant, quantize_weights
 from tiermem.weights.shards import source_fingerprint
@@ -154,6 +156,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
+    save_gguf_types(gguf, partial)
     partial.rename(target)
 
 
@@ -180,6 +183,9 @@ def resolve_source(name: str) -> Path:
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
         _convert_gguf(gguf, target)
+    if source_types(target) is None:  # folders converted before the types were recorded get them once
+        with contextlib.suppress(OSError):  # a read-only cache: --weights-quant auto then takes int8 everywhere
+            save_gguf_types(gguf, target)
     return target
 
 
@@ -248,7 +254,10 @@ def load(
         )
     model.eval()
     model.requires_grad_(False)
-    weights_format = quantize_weights(model, weights_quant, quant_group).label if weights_quant != "none" else dtype
+    weights_format = dtype
+    if weights_quant != "none":  # auto: int4 where the checkpoint stores 4 bits (tiermem.formats)
+        per_module = weight_modes(source_types(source)) if weights_quant == "auto" else None
+        weights_format = quantize_weights(model, weights_quant, quant_group, per_module).label
     return LoadedModel(
         name=name, model=model, tokenizer=tokenizer, source=source, placement=placement, weights_format=weights_format
     )

@@ -29,7 +29,7 @@ from torch import nn
 
 from tiermem.errors import TiermemError
 
-WEIGHT_QUANTS = ("none", "int8", "int4")
+WEIGHT_QUANTS = ("none", "int8", "int4", "auto")  # auto: int4 where the source is 4-bit (tiermem.formats)
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_INT4_GROUP = 32  # gpt-fast's command-line default; 128 is coarser and cannot split SmolLM2's 576 evenly
 
@@ -93,7 +93,8 @@ class Int8WeightOnlyLinear(nn.Module):
         if x.dtype == torch.float32:  # the kernel's float32 path is far slower than a float matmul (measured)
             out = F.linear(flat, self.weight.to(torch.float32) * self.scales[:, None].float())
         else:
-            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales.to(x.dtype))
+            scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, scales)
         out = out.view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
@@ -129,7 +130,9 @@ class Int4WeightOnlyLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if self.padded_in != self.in_features:
             flat = F.pad(flat, (0, self.padded_in - self.in_features))
-        pairs = self.scales_and_zeros.to(x.dtype)
+        pairs = self.scales_and_zeros
+        if pairs.dtype != x.dtype:
+            pairs = pairs.to(x.dtype)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, pairs)
         out = out.view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
@@ -140,19 +143,23 @@ class Int4WeightOnlyLinear(nn.Module):
 
 @dataclass(frozen=True)
 class QuantReport:
-    """What :func:`quantize_weights` did: the format, how many Linear modules it swapped, and their weight bytes
-    before and after (scales and zero points included)."""
+    """What :func:`quantize_weights` did: the format, how many Linear modules it swapped (``int4_modules`` of them
+    to int4), and their weight bytes before and after (scales and zero points included)."""
 
     mode: str
     group_size: int | None
     modules: int
     bytes_before: int
     bytes_after: int
+    int4_modules: int = 0
 
     @property
     def label(self) -> str:
-        """``none``, ``int8`` or ``int4-g32``: the name the cost summary and ``--json`` print."""
-        return f"int4-g{self.group_size}" if self.mode == "int4" else self.mode
+        """``none``, ``int8``, ``int4-g32`` (the LM head in int8, as always) or, for a mix, ``int4-g32+int8``."""
+        if self.int4_modules == 0:
+            return "int8" if self.modules else "none"
+        mixed = self.int4_modules < self.modules - 1  # the head is int8 under int4 too
+        return f"int4-g{self.group_size}" + ("+int8" if mixed else "")
 
 
 def _tensor_bytes(module: nn.Module) -> int:
@@ -163,32 +170,49 @@ def check_weight_quant(mode: str, group_size: int) -> None:
     """One-line errors for a bad ``--weights-quant`` or group size."""
     if mode not in WEIGHT_QUANTS:
         raise TiermemError(f"unknown weight quantization '{mode}': use one of {', '.join(WEIGHT_QUANTS)}")
-    if mode == "int4" and group_size not in INT4_GROUP_SIZES:
+    if mode in ("int4", "auto") and group_size not in INT4_GROUP_SIZES:
         sizes = ", ".join(map(str, INT4_GROUP_SIZES))
         raise TiermemError(f"int4 group size must be one of {sizes}, got {group_size}")
 
 
-def quantize_weights(model: nn.Module, mode: str, group_size: int = DEFAULT_INT4_GROUP) -> QuantReport:
-    """Replace every ``nn.Linear`` in ``model`` by its ``mode`` quantized form, in place (``none``: nothing)."""
+def _module_mode(mode: str, qualified: str, per_module: dict[str, str]) -> str:
+    """int4 or int8 for one Linear: ``mode`` itself, or under ``auto`` its entry in ``per_module`` (keys are paths
+    under ``layers.``, e.g. ``3.mlp.down_proj``), int8 when it has none."""
+    if mode != "auto":
+        return mode
+    _, found, rest = qualified.rpartition("layers.")
+    return per_module.get(rest, "int8") if found else "int8"
+
+
+def quantize_weights(
+    model: nn.Module, mode: str, group_size: int = DEFAULT_INT4_GROUP, per_module: dict[str, str] | None = None
+) -> QuantReport:
+    """Replace every ``nn.Linear`` in ``model`` by its ``mode`` quantized form, in place (``none``: nothing).
+
+    ``auto`` takes each decoder Linear's mode from ``per_module`` (:func:`tiermem.formats.weight_modes`: int4 where
+    the checkpoint stores 4 bits) and int8 for the rest. The LM head is int8 in every mode.
+    """
     check_weight_quant(mode, group_size)
     if mode == "none":
         return QuantReport("none", None, 0, 0, 0)
     if any(p.dtype not in (torch.float32, torch.bfloat16) for p in model.parameters()):
         raise TiermemError(f"--weights-quant {mode} needs --dtype float32 or bfloat16 (the kernels' activations)")
-    before = after = count = 0
+    before = after = count = int4 = 0
     get_head = getattr(model, "get_output_embeddings", None)  # an HF model's LM head; None for other modules
     head = get_head() if callable(get_head) else None
-    for parent in list(model.modules()):
+    for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
                 continue
+            qualified = f"{parent_name}.{name}" if parent_name else name
             swapped: nn.Module
-            if mode == "int8" or child is head:
+            if child is head or _module_mode(mode, qualified, per_module or {}) == "int8":
                 swapped = Int8WeightOnlyLinear(child)
             else:
                 swapped = Int4WeightOnlyLinear(child, group_size)
+                int4 += 1
             before += _tensor_bytes(child)
             after += _tensor_bytes(swapped)
             count += 1
             setattr(parent, name, swapped)
-    return QuantReport(mode, group_size if mode == "int4" else None, count, before, after)
+    return QuantReport(mode, group_size if int4 else None, count, before, after, int4)
