@@ -8,7 +8,8 @@ validation set disjoint from the training set (``large_models/mezo.sh``: ``--lr_
   the test set are fixed); they are the dev set (68 sentences for k=16, none for k=50). Other tasks have no dev set.
 - :class:`KeepBest`: scores each dev evaluation by accuracy, then loss (classification), or by perplexity (LM), and
   keeps a copy of the trained tensors of the best one; :meth:`KeepBest.restore` puts them back before the test.
-  The copy is the trained tensors only (LoRA: 0.46M numbers on SmolLM2; full: the model's size once more).
+  The copy is the trained tensors only (LoRA: 0.46M numbers on SmolLM2; full: the model's size once more, which
+  counts toward the run's peak RSS).
 - :func:`scheduled_lr`: ``constant`` (MeZO's, the default) or ``linear`` decay to 0 at the last step (the HF
   Trainer's ``linear`` schedule without warm-up); a departure from MeZO offered as a named option, because a
   constant lr large enough to move a 135M model in a few hundred steps diverges later (BENCHMARKS.md).
@@ -84,7 +85,11 @@ class KeepBest:
         if self.best is not None and score(metrics) <= score(self.best):
             return False
         self.best, self.step = dict(metrics), step
-        self.kept = {name: t.detach().clone() for name, t in tensors.items()}
+        if self.kept.keys() == tensors.keys():  # reuse the copy: a full model is not held twice while replacing it
+            for name, t in tensors.items():
+                self.kept[name].copy_(t)
+        else:
+            self.kept = {name: t.detach().clone() for name, t in tensors.items()}
         return True
 
     @torch.no_grad()
