@@ -17,12 +17,18 @@ Systems (``--systems``):
 - ``tiermem-off``: ``--session-memory off``: every turn re-reads its whole history (the re-prefill baseline);
 - ``llamacpp``: ``python -m llama_cpp.server`` from ``.venv-llamacpp`` (llama-cpp-python 0.3.36, built by
   ``benchmarks/llamacpp_compare.py --setup-only``) on the same GGUF, Q4_1 weights and f16 KV, ``--n_ctx 8192``,
-  its RAM prompt cache on (``--cache true``, 1 GiB), ``--logits_all false`` (its default keeps every position's
-  logits and copies them into each cached state), ``--interrupt_requests false`` (its default ends a streaming
-  answer as soon as another request waits). This server has no parallel slots: one lock in ``llama_cpp/server/
+  its RAM prompt cache on (``--cache true``, its default 2 GiB, ``--llamacpp-cache``; at 1 GiB, 8 chats of 4k
+  tokens evicted each other's states and re-read whole histories), ``--logits_all false`` (its default keeps every
+  position's logits and copies them into each cached state), ``--interrupt_requests false`` (its default ends a
+  streaming answer as soon as another request waits). This server has no parallel slots: one lock in ``llama_cpp/server/
   app.py`` serves one request at a time, the others wait in line (their wait is in their TTFT). It streams no usage,
   so its prompt tokens are counted with the same tokenizer and chat template (the GGUF's) and its reused tokens are
   read from its verbose log (``N prefix-match hit``).
+
+Both servers get ``OMP_WAIT_POLICY=PASSIVE`` (``--omp-wait-policy``): llama.cpp's threads meet at a GNU OpenMP
+barrier after every op, and with the default (spin before sleeping) a process whose 2 threads share 2 busy cores
+loses several times its speed (2 chats x 2 turns at load ~8, median TTFT: llama.cpp 18.9 s spinning, 6.9 s
+passive; tiermem 1.7 s and 2.2 s).
 
 Writes ``turns.jsonl`` (one row per turn), ``summary.jsonl`` (one row per system) and ``results.md`` (appended) to
 ``--out`` (default ``bench-out/serve-vs-llamacpp``), and each server's log beside them.
@@ -72,7 +78,7 @@ def server_command(system: str, args: argparse.Namespace, port: int, folder: str
     if system == "llamacpp":
         command = [str(LLAMACPP_PYTHON), "-m", "llama_cpp.server", "--model", str(_smollm2_gguf())]
         command += ["--n_ctx", "8192", "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
-        command += ["--cache", "true", "--cache_size", str(1 << 30), "--logits_all", "false"]
+        command += ["--cache", "true", "--cache_size", str(args.llamacpp_cache), "--logits_all", "false"]
         return [*command, "--interrupt_requests", "false", "--host", "127.0.0.1", "--port", str(port)]
     command = [sys.executable, "-m", "tiermem.cli", "serve", "--model", "smollm2", "--port", str(port)]
     command += ["--sessions-dir", folder]
@@ -83,27 +89,32 @@ def server_command(system: str, args: argparse.Namespace, port: int, folder: str
     return command
 
 
-def start(command: list[str], log: Path, threads: int) -> tuple[subprocess.Popen[bytes], str]:
+def start(command: list[str], log: Path, args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
     """Start a server in its own process group; returns it and its base URL once ``/v1/models`` answers."""
     import httpx
 
     port = command[command.index("--port") + 1]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
+    if args.omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     with log.open("wb") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise TiermemError(f"the server exited with {process.returncode}; see {log}")
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop(process)
-    raise TiermemError(f"the server did not answer in 300 s; see {log}")
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise TiermemError(f"the server exited with {process.returncode}; see {log}")
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    return process, url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TiermemError(f"the server did not answer in 300 s; see {log}")
+    except BaseException:  # Ctrl-C while it starts too: never leave a server behind
+        stop(process)
+        raise
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -154,8 +165,10 @@ def llamacpp_reuse(log: Path) -> dict[str, int]:
     """Prompt tokens llama.cpp reused (``N prefix-match hit``) and its prompt-cache hits and misses, from its log."""
     text = log.read_text(errors="replace")
     reused = [int(n) for n in re.findall(r"Llama\.generate: (\d+) prefix-match hit", text)]
+    evaluated = [int(n) for n in re.findall(r"prompt eval time = +[\d.]+ ms / +(\d+) tokens", text)]
     return {
         "reused_tokens": sum(reused),
+        "evaluated_tokens": sum(evaluated),  # with reused_tokens: the prompt tokens llama.cpp saw, to check ours
         "prefix_hits": len(reused),
         "cache_hits": text.count("_create_completion: cache hit"),
         "cache_misses": text.count("_create_completion: cache miss"),
@@ -196,14 +209,16 @@ def summarize(system: str, records: list[dict[str, Any]], wall: float, args: arg
         "ttft_median_s": round(statistics.median(r["ttft_s"] for r in records), 3),
         "ttft_last_over_first": round(by_turn[-1]["ttft_median_s"] / by_turn[0]["ttft_median_s"], 2),
         "prompt_tokens": prompt_total, "cached_tokens": cached, "cached_fraction": round(cached / prompt_total, 3),
-        "last_history_tokens": by_turn[-1]["prompt_tokens"], "by_turn": by_turn, "note": machine_note(),
+        "last_history_tokens": by_turn[-1]["prompt_tokens"], "threads": args.threads,
+        "omp_wait_policy": args.omp_wait_policy, "llamacpp_cache": args.llamacpp_cache, "by_turn": by_turn,
+        "note": machine_note(),
     }  # fmt: skip
 
 
 def run_system(system: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         log = out / f"{system}.log"
-        process, url = start(server_command(system, args, _free_port(), folder), log, args.threads)
+        process, url = start(server_command(system, args, _free_port(), folder), log, args)
         try:
             records, transcripts, wall = asyncio.run(drive(url, args))
         finally:
@@ -253,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per turn (EOS ignored)")
     parser.add_argument("--compressed", default="--policy streaming --kv-budget 1024", help="tiermem-compressed flags")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--llamacpp-cache", type=int, default=2 << 30, help="llama.cpp's prompt cache bytes")
+    parser.add_argument("--omp-wait-policy", default="PASSIVE", help="both servers' OMP_WAIT_POLICY ('': unset)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench-out/serve-vs-llamacpp")
     args = parser.parse_args(argv)
