@@ -5,6 +5,8 @@ forward of the whole prompt (transformers' SDPA with a ``DynamicCache``: what kv
     .venv/bin/python benchmarks/prefill_chunks.py --length 4096 --chunks 512,1024,2048,4096 --repeats 2
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/prefill_chunks.py --length 4096 --chunks 512 --repeats 3 --compare \
         --kv-dtype auto,int8
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/prefill_chunks.py --length 2048 --chunks 512 --compare \
+        --formats fast --kv-dtype int8        # the default formats; the single forward runs the same model
 
 Chunks bound the activation memory; this shows what they cost or save in time. Every configuration runs once per
 repeat, interleaved, and the table shows the median; run it alone on the machine.
@@ -22,6 +24,7 @@ from transformers import DynamicCache
 import tiermem.prefill_attention as fast_path
 from tiermem.bench.tasks import make_sample
 from tiermem.engine import GenerationConfig, generate
+from tiermem.formats import apply_preset
 from tiermem.kvstore.blocks import StoreConfig
 from tiermem.memory import build
 from tiermem.models import LoadedModel, load
@@ -54,8 +57,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--compare", action="store_true", help="fast path vs masked path vs one causal forward")
     parser.add_argument("--kv-dtype", default="auto", help="comma-separated KV formats (auto, bfloat16, int8, ...)")
+    parser.add_argument("--formats", default="exact", choices=["exact", "fast"], help="the model's number formats")
     args = parser.parse_args()
-    lm = load(args.model)
+    preset = argparse.Namespace(formats=args.formats, dtype=None, weights_quant=None, kv_dtype="auto")
+    apply_preset(preset)
+    lm = load(args.model, preset.dtype, weights_quant=preset.weights_quant)
+    print(f"formats: {lm.weights_format} weights, {preset.dtype} activations")
     sample = make_sample("needle", lm.tokenizer, args.length, 0.5, 0)
     prompt = build_prompt(lm, sample.context, sample.question, answer_prefix=sample.answer_prefix)
     configs = [

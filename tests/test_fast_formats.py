@@ -8,11 +8,22 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 from tests.conftest import tiny
 from tiermem import formats
 from tiermem.formats import GGUF_TYPES_FILE, apply_preset, weight_modes
-from tiermem.weights.quant import Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_weights
+from tiermem.weights.quant import (
+    DEQUANTIZE_ROWS,
+    Int4WeightOnlyLinear,
+    Int8WeightOnlyLinear,
+    dequantize_int4,
+    int4_unpackable,
+    quantize_int4,
+    quantize_weights,
+    unpack_int4,
+)
 
 
 def test_weight_modes_follow_the_gguf_types() -> None:
@@ -79,3 +90,27 @@ def test_load_auto_reads_the_recorded_source_types(tiny_model_dir: Path) -> None
     mlp = lm.model.model.layers[0].mlp
     assert isinstance(mlp.gate_proj, Int4WeightOnlyLinear) and isinstance(mlp.up_proj, Int8WeightOnlyLinear)
     assert lm.weights_format == "int4-g32+int8"
+
+
+@pytest.mark.parametrize(("n", "k"), [(64, 128), (192, 576), (128, 96)])
+def test_unpack_int4_reads_the_cpu_packing(n: int, k: int) -> None:
+    codes = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(n))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    assert int4_unpackable(n, k)
+    assert torch.equal(unpack_int4(packed, n, k).to(torch.int32), codes)
+    assert not int4_unpackable(96, k)  # not whole blocks of 64 output rows: the kernel runs every chunk
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_prefill_chunks_widen_the_weight_for_the_same_result(mode: str) -> None:
+    linear = nn.Linear(96, 128, bias=True).to(torch.bfloat16)
+    module = Int4WeightOnlyLinear(linear, 32) if mode == "int4" else Int8WeightOnlyLinear(linear)
+    x = torch.randn(1, DEQUANTIZE_ROWS + 3, 96, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        widened = module(x)  # enough rows: the dequantized weight in a bf16 GEMM
+        by_row = torch.cat([module(x[:, i : i + 1]) for i in range(x.shape[1])], dim=1)  # the kernel, row by row
+    torch.testing.assert_close(widened.float(), by_row.float(), atol=0.05, rtol=0.02)
+    if mode == "int4":
+        assert isinstance(module, Int4WeightOnlyLinear) and module.unpackable
+        q, scales, zeros = quantize_int4(linear.weight, 32, torch.bfloat16)
+        torch.testing.assert_close(module.dequantized(torch.float32), dequantize_int4(q, scales, zeros, 32))
