@@ -280,3 +280,13 @@ def test_kill_9_and_restart_keeps_completed_turns(tiny_model_dir: Path, tmp_path
     assert second.usage.prompt_tokens_details.cached_tokens == held
     assert "tiermem_sessions_restored_total 1" in metrics
     assert not np.any([p.name.endswith(".tmp") for p in tmp_path.iterdir()])
+
+
+def test_a_restart_removes_stale_temporaries_only(lm: LoadedModel, tmp_path: Path) -> None:
+    stale, fresh = tmp_path / f".old{SUFFIX}.tmp", tmp_path / f".new{SUFFIX}.tmp"
+    stale.write_bytes(b"half a session")  # what a kill -9 during a write leaves
+    fresh.write_bytes(b"a write in progress")  # another server sharing the folder may be writing this one
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    make_worker(lm, registry.build("full"), tmp_path)
+    assert not stale.exists() and fresh.exists()

@@ -39,9 +39,17 @@ import torch
 from tiermem.cache import TierCache
 from tiermem.errors import TiermemError
 from tiermem.memory.base import Policy
-from tiermem.memory.layer import DenseLayer, SlidingWindowLayer
 from tiermem.serve.policies import SessionPolicies
-from tiermem.serve.state import StateError, cache_state, read_file, read_header, restore_cache, write_file
+from tiermem.serve.rewind import common_prefix, truncatable, truncate
+from tiermem.serve.state import (
+    StateError,
+    cache_state,
+    read_file,
+    read_header,
+    remove_stale_temporaries,
+    restore_cache,
+    write_file,
+)
 
 log = logging.getLogger("tiermem.serve")
 SUFFIX = ".session"
@@ -103,43 +111,6 @@ class StoreStats:
     corrupt: int = 0
 
 
-def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    """Length of the longest common prefix of two id arrays, compared element by element."""
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(a[:n] != b[:n])
-    return int(differ[0]) if len(differ) else n
-
-
-def truncatable(cache: TierCache, n: int) -> bool:
-    """Whether every layer can drop its tokens from position ``n`` on and be exactly what a run over the first
-    ``n`` tokens would have built: dense full-attention layers that evicted nothing, sliding-window layers that
-    still hold the window before ``n``, and no blocks in the store."""
-    if cache.store._counts:
-        return False
-    for layer in cache.tier_layers:
-        if type(layer) is DenseLayer:
-            if layer.buffer.length != layer.seen:  # nothing evicted, so slot i holds position i
-                return False
-        elif type(layer) is SlidingWindowLayer:
-            assert layer.info.sliding_window is not None
-            first = int(layer.buffer.positions[0, 0]) if layer.buffer.length else 0
-            if first > max(0, n - layer.info.sliding_window + 1):
-                return False
-        else:
-            return False
-    return True
-
-
-def truncate(cache: TierCache, n: int) -> None:
-    """Drop every token at position ``n`` or later (call :func:`truncatable` first)."""
-    for layer in cache.tier_layers:
-        assert isinstance(layer, DenseLayer)
-        buffer = layer.buffer
-        buffer.length = int((buffer.positions[0, : buffer.length] < n).sum())
-        layer.seen = n
-        layer.report()
-
-
 class SessionStore:
     """Sessions in RAM and in ``folder``, for one key. Not thread-safe for mutation: the model worker owns it;
     :meth:`stats` may be read from other threads."""
@@ -169,7 +140,10 @@ class SessionStore:
 
     # -- start-up ------------------------------------------------------------------------------------------------
     def _index(self) -> None:
-        """Index the session files of this key left by an earlier run (headers only; checksums on restore)."""
+        """Index the session files of this key left by an earlier run (headers only; checksums on restore), after
+        deleting temporaries that a killed writer left (:func:`remove_stale_temporaries`)."""
+        if removed := remove_stale_temporaries(self.folder, SUFFIX):
+            log.warning("removed %d stale temporary session files from %s", removed, self.folder)
         for path in sorted(self.folder.glob(f"*{SUFFIX}")):
             try:
                 header = read_header(path)

@@ -21,6 +21,7 @@ import importlib
 import json
 import os
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -211,13 +212,37 @@ def restore_cache(cache: TierCache, state: dict[str, Any], tensors: dict[str, to
         layer.report()
 
 
+STALE_TEMPORARY_SECONDS = 600.0  # a write takes seconds; a temporary this old was left by a killed writer
+
+
+def temporary_path(path: Path) -> Path:
+    """Where :func:`write_file` writes ``path``'s bytes before the rename."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def remove_stale_temporaries(folder: Path, suffix: str, older_than: float = STALE_TEMPORARY_SECONDS) -> int:
+    """Delete the temporaries of ``*suffix`` files in ``folder`` not touched for ``older_than`` seconds (a kill
+    during a write leaves one; the next write of that session would overwrite it, but a session never written again
+    would keep it forever). Younger ones are left alone: another server sharing the folder may be writing them."""
+    removed = 0
+    now = time.time()
+    for tmp in folder.glob(f".*{suffix}.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > older_than:
+                tmp.unlink()
+                removed += 1
+        except OSError:  # gone already (another server swept it) or not ours to delete
+            continue
+    return removed
+
+
 def write_file(path: Path, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> int:
     """Write atomically and durably (temporary file, fsync, rename, fsync of the folder); returns the size."""
     payload = save_tensors(tensors) if tensors else b""
     head = json.dumps(header, separators=(",", ":")).encode()
     digest = hashlib.sha256(head)
     digest.update(payload)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary_path(path)
     with tmp.open("wb") as handle:
         handle.write(MAGIC)
         handle.write(_PREFIX.pack(len(head), len(payload), digest.digest()))
