@@ -61,7 +61,7 @@ MAX_SHOWN = 5  # mismatches shown in full in the JSON
 
 
 def policy_options(args: argparse.Namespace) -> list[str]:
-    options = ["--policy", args.policy, "--max-tokens", str(args.max_tokens)]
+    options = ["--policy", args.policy, "--max-tokens", str(args.max_tokens), "--formats", args.formats]
     options += ["--kv-budget", str(args.kv_budget)] if args.kv_budget else []
     for option in args.policy_opt:
         options += ["--policy-opt", option]
@@ -323,6 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restarts", type=int, default=4, help="fuzz: restarts between requests (TERM, KILL, ...)")
     parser.add_argument("--restart-kind", choices=["both", "term", "kill"], default="both", help="fuzz: TERM, KILL")
     parser.add_argument("--kv-memory", default="1MB", help="fuzz: the server's --kv-memory (small: sessions spill)")
+    parser.add_argument(
+        "--formats",
+        default="exact",
+        choices=["exact", "fast"],
+        help="the servers' number formats; answers are compared with a server that recomputes every prompt, and in "
+        "bfloat16 a cache built token by token and one recomputed in a chunk round differently (a GEMV against a "
+        "GEMM), so the content check needs exact formats (spill and restore are bitwise in any format)",
+    )
     parser.add_argument("--clients", type=int, default=8, help="killrun: concurrent conversations")
     parser.add_argument("--turns", type=int, default=6, help="killrun: turns per conversation")
     parser.add_argument("--kills", type=int, default=1, help="killrun: SIGKILLs, evenly spread over the run")
