@@ -273,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench-out/serve-vs-llamacpp")
     args = parser.parse_args(argv)
+    # SIGTERM (and SIGINT, which a background job ignores) unwinds through run_system's finally: no server left
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     systems = args.systems.split(",")
     if unknown := set(systems) - set(LABELS):
         raise SystemExit(f"unknown systems {sorted(unknown)}: choose from {', '.join(LABELS)}")
