@@ -11,8 +11,9 @@ are the same everywhere; the assistant messages are each system's own answers, s
 
 Systems (``--systems``):
 
-- ``tiermem``: ``tiermem serve --model smollm2`` with its defaults (``--policy auto``, session memory on); weights
-  are the bundled Q4_1 GGUF dequantized to float32, KV float32;
+- ``tiermem``: ``tiermem serve --model smollm2`` with its defaults (``--policy auto``, session memory on) and
+  ``--formats`` given explicitly (default ``fast``: bf16 activations, the Q4_1 GGUF's weights as int4 in groups of
+  32, int8 KV; ``exact``: the GGUF dequantized to float32, KV float32);
 - ``tiermem-compressed``: the same with ``--policy streaming --kv-budget 1024`` (``--compressed`` to change it);
 - ``tiermem-off``: ``--session-memory off``: every turn re-reads its whole history (the re-prefill baseline);
 - ``llamacpp``: ``python -m llama_cpp.server`` from ``.venv-llamacpp`` (llama-cpp-python 0.3.36, built by
@@ -60,9 +61,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LLAMACPP_PYTHON = ROOT / ".venv-llamacpp" / "bin" / "python"
 BUILD_HINT = "build it with: .venv/bin/python benchmarks/llamacpp_compare.py --setup-only (~11-15 min on 2 cores)"
 LABELS = {
-    "tiermem": "tiermem serve (auto, fp32)",
-    "tiermem-compressed": "tiermem serve ({compressed}, fp32)",
-    "tiermem-off": "tiermem serve, session memory off (fp32)",
+    "tiermem": "tiermem serve (auto, --formats {formats})",
+    "tiermem-compressed": "tiermem serve ({compressed}, --formats {formats})",
+    "tiermem-off": "tiermem serve, session memory off (--formats {formats})",
     "llamacpp": "llama-cpp-python server (Q4_1, prompt cache)",
 }
 
@@ -81,7 +82,7 @@ def server_command(system: str, args: argparse.Namespace, port: int, folder: str
         command += ["--cache", "true", "--cache_size", str(args.llamacpp_cache), "--logits_all", "false"]
         return [*command, "--interrupt_requests", "false", "--host", "127.0.0.1", "--port", str(port)]
     command = [sys.executable, "-m", "tiermem.cli", "serve", "--model", "smollm2", "--port", str(port)]
-    command += ["--sessions-dir", folder]
+    command += ["--sessions-dir", folder, "--formats", args.formats]
     if system == "tiermem-compressed":
         command += args.compressed.split()
     if system == "tiermem-off":
@@ -201,7 +202,7 @@ def summarize(system: str, records: list[dict[str, Any]], wall: float, args: arg
     prompt_total = sum(r["template_tokens"] for r in records)
     cached = sum(r["cached_tokens"] or 0 for r in records)
     return {
-        "system": system, "label": LABELS[system].format(compressed=args.compressed),
+        "system": system, "label": LABELS[system].format(compressed=args.compressed, formats=args.formats),
         "chats": args.chats, "turns": args.turns, "prose": args.prose, "max_tokens": args.max_tokens,
         "wall_s": round(wall, 1), "completion_tokens": completion,
         "throughput_tok_s": round(completion / wall, 2), "decode_tok_s": round(decode_tokens / max(busy, 1e-9), 2),
@@ -268,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per turn (EOS ignored)")
     parser.add_argument("--compressed", default="--policy streaming --kv-budget 1024", help="tiermem-compressed flags")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--formats", default="fast", help="tiermem's --formats (fast: bf16, int4 weights, int8 KV)")
     parser.add_argument("--llamacpp-cache", type=int, default=2 << 30, help="llama.cpp's prompt cache bytes")
     parser.add_argument("--omp-wait-policy", default="PASSIVE", help="both servers' OMP_WAIT_POLICY ('': unset)")
     parser.add_argument("--seed", type=int, default=0)
