@@ -11,7 +11,7 @@ over ``--steps`` (MeZO itself uses a constant lr, the default). One JSON line pe
 
 A learning-rate grid without touching the test set: run each grid point with ``--save-trained`` (no ``--test``), pick
 on dev, then ``--test-run RUN_ID`` evaluates the test set once on the chosen run's saved tensors and adds it to its
-line.
+line; ``--test-best TAG`` does that for the dev-best run of each method among the runs tagged TAG.
 
     OMP_NUM_THREADS=1 .venv/bin/python -u benchmarks/tune_probe.py --method zo-lora --lr 2e-3 --eps 1e-2 \
         --steps 200 --batch-size 8 --eval-every 20 --keep-best --test --out bench-out/tune-probe/probes.jsonl
@@ -65,6 +65,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--table", action="store_true", help="print the runs in --out as a table and exit")
     parser.add_argument("--save-trained", action="store_true", help="save the final/kept trained tensors")
     parser.add_argument("--test-run", help="evaluate the test set on the saved tensors of this run id, and exit")
+    parser.add_argument("--test-best", help="per method of the runs with this tag: test the dev-best saved run")
     return parser.parse_args()
 
 
@@ -75,6 +76,22 @@ def run_id(r: dict[str, Any]) -> str:
         f"{r.get('tag') or 'run'}-{r['method']}{lora}-lr{r['lr']:g}-eps{r['eps']}-{r['steps']}x{r['batch_size']}"
         f"-{r.get('schedule', 'constant')}{best}-s{r['seed']}"
     )
+
+
+def dev_best(out: Path, tag: str) -> list[str]:
+    """The run id of the dev-best saved run per (method, LoRA) among the runs tagged ``tag`` (accuracy, then loss)."""
+    from tiermem.tune.select import score
+
+    best: dict[tuple[str, bool], dict[str, Any]] = {}
+    for line in out.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("tag") != tag or not r.get("saved") or not r.get("dev"):
+            continue
+        r["chosen_on"] = r.get("kept") or r["dev"][-1]
+        key = (r["method"], r["lora"])
+        if key not in best or score(r["chosen_on"]) > score(best[key]["chosen_on"]):
+            best[key] = r
+    return [r["run_id"] for r in best.values()]
 
 
 def test_saved(out: Path, wanted: str) -> dict[str, Any]:
@@ -201,14 +218,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def table(path: Path) -> str:
     """One row per run in ``path``: settings, dev (kept or last), test, CPU s/step, peak RSS."""
     lines = [
-        "| tag | method | lr / eps | schedule | steps x batch | kept step | dev acc. | test acc. | test loss "
+        "| tag | method | lr / eps | schedule | steps x batch | kept step | dev acc. / loss | test acc. | test loss "
         "| CPU s/step | peak RSS (MiB) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for line in path.read_text().splitlines():
         r = json.loads(line)
         last = r["kept"] if r.get("kept") else (r["dev"][-1] if r.get("dev") else None)
-        dev = f"{last['accuracy']:.2f}" if last else "-"
+        dev = f"{last['accuracy']:.2f} / {last['loss']:.3f}" if last else "-"
         kept = str(last["step"]) if r.get("kept") else "last"
         test = r.get("test_after")
         method = r["method"] + (" (LoRA)" if r["lora"] and not r["method"].endswith("lora") else "")
@@ -227,9 +244,11 @@ def main() -> None:
     if args.table:
         print(table(args.out))
         return
-    if args.test_run:
-        chosen = test_saved(args.out, args.test_run)
-        print(f"{args.test_run}: test {chosen['test_after']}", flush=True)
+    wanted = [args.test_run] if args.test_run else dev_best(args.out, args.test_best) if args.test_best else []
+    for chosen_id in wanted:
+        chosen = test_saved(args.out, chosen_id)
+        print(f"{chosen_id}: test {chosen['test_after']}", flush=True)
+    if args.test_run or args.test_best:
         return
     record = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
