@@ -17,9 +17,9 @@ the child's ``ru_maxrss`` (after tune's last reset: training and the final evalu
 parent sampled every 0.1 s over the child's whole life (loading and conversion included).
 
 ``--crash-at K`` adds a third run (``--crash-steps`` long): the streamed run killed with SIGKILL in the middle of step
-K+1 (half a step after
-step K's record appears), the page cache dropped (so the resumed run's first step reads the layers from disk), then
-``--resume``: its losses must equal the uninterrupted streamed run's.
+K+1 (half a step after step K's record appears), the page cache dropped (the resumed run reads the layers from
+disk: its flush of the pending update and its inference probe, before the first resumed step), then ``--resume``:
+its losses must equal the uninterrupted streamed run's.
 """
 
 from __future__ import annotations
@@ -137,8 +137,12 @@ def compare(resident: dict[str, Any], stream: dict[str, Any]) -> dict[str, Any]:
     a = [(r["loss_plus"], r["loss_minus"]) for r in resident["records"]]
     b = [(r["loss_plus"], r["loss_minus"]) for r in stream["records"]]
     diffs = [max(abs(x[0] - y[0]), abs(x[1] - y[1])) for x, y in zip(a, b, strict=False)]
-    per_step = lambda row: [r["seconds"] for r in row["records"]]  # noqa: E731
-    return {
+    per_step = lambda row, key="seconds": [r[key] for r in row["records"] if key in r]  # noqa: E731
+    cpu = {}
+    for key in ("cpu_seconds", "main_cpu_seconds"):
+        if per_step(resident, key) and per_step(stream, key):
+            cpu[f"{key}_ratio_median"] = _median(per_step(stream, key)) / _median(per_step(resident, key))
+    return cpu | {
         "steps_compared": min(len(a), len(b)),
         "bitwise_equal": a == b,
         "max_abs_loss_diff": max(diffs) if diffs else None,
@@ -155,7 +159,7 @@ def _median(values: list[float]) -> float:
 def table(rows: list[dict[str, Any]], verdict: dict[str, Any]) -> str:
     lines = [
         "| run | s/step (mean) | s/step (median) | first step s | tune peak RSS (training) | child ru_maxrss | "
-        "sampled peak RSS (whole life) | child CPU s | load avg before -> after |",
+        "sampled peak RSS (whole life) | CPU-s/step process, main thread (median) | load avg before -> after |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -163,12 +167,19 @@ def table(rows: list[dict[str, Any]], verdict: dict[str, Any]) -> str:
         label = row["label"]
         tune_peak = f"{row['peak_rss_bytes'] / GIB:.3f} GiB" if "peak_rss_bytes" in row else "-"
         maxrss = f"{row['child_maxrss_bytes'] / GIB:.3f} GiB" if row.get("child_maxrss_bytes") else "-"
+        sampled = f"{row['sampled_peak_rss_bytes'] / GIB:.3f} GiB" if "sampled_peak_rss_bytes" in row else "-"
+        cpu = "-"
+        if row["records"] and "cpu_seconds" in row["records"][0]:  # recorded by tune since this benchmark
+            cpu = f"{_median([r['cpu_seconds'] for r in row['records']]):.1f}, "
+            cpu += f"{_median([r['main_cpu_seconds'] for r in row['records']]):.1f}"
+        load = f"{row['load_before'][0]} -> {row['load_after'][0]}" if "load_before" in row else "-"
         lines.append(
             f"| {label} | {sum(secs) / max(len(secs), 1):.2f} | {_median(secs):.2f} | {secs[0] if secs else 0:.2f} | "
-            f"{tune_peak} | {maxrss} | {row['sampled_peak_rss_bytes'] / GIB:.3f} GiB | {row.get('cpu_seconds', '-')} | "
-            f"{row['load_before'][0]} -> {row['load_after'][0]} |"
+            f"{tune_peak} | {maxrss} | {sampled} | {cpu} | {load} |"
         )
     lines.append("")
+    if not verdict:
+        return "\n".join(lines) + "\n"
     lines.append(
         f"Losses (loss+ and loss- of {verdict['steps_compared']} steps): bitwise equal: {verdict['bitwise_equal']}, "
         f"max abs diff {verdict['max_abs_loss_diff']}; step time stream / resident: {verdict['step_time_ratio']:.2f}"
@@ -192,6 +203,7 @@ def main() -> None:
     parser.add_argument("--crash-at", type=int, default=None, help="also kill a streamed run mid-step after K")
     parser.add_argument("--crash-steps", type=int, default=None, help="steps of the crash run (default --steps)")
     parser.add_argument("--resident-from", type=Path, help="take the resident row from an earlier result.json")
+    parser.add_argument("--collect", action="store_true", help="run nothing: tabulate the run folders in --out")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     task = write_task(args.out / "polarity-40.jsonl")
@@ -201,6 +213,11 @@ def main() -> None:
         rows += [dict(r, label="resident (earlier run)") for r in earlier if r["weights"] == "resident"]
     for weights in args.order.split(","):
         run_dir = args.out / f"run-{weights}"
+        if args.collect:  # what tune wrote itself (no RSS sampling or load average)
+            result = json.loads((run_dir / "results.jsonl").read_text().splitlines()[-1])
+            label = weights if weights == "resident" else f"stream --weight-memory {args.weight_memory}"
+            rows.append(dict(result, weights=weights, label=label, records=_records(run_dir)))
+            continue
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
         before = _children_maxrss()
         row = run_tune(args, task, weights, run_dir)
@@ -209,8 +226,9 @@ def main() -> None:
         row["label"] = weights if weights == "resident" else f"stream --weight-memory {args.weight_memory}"
         rows.append(row)
         print(f"{row['label']}: {row['seconds_per_step']:.2f} s/step, peak {row['peak_rss_bytes'] / GIB:.3f} GiB")
+        _save(args, rows, {})  # as it goes: a stopped benchmark keeps its finished runs
     by = {r["weights"]: r for r in rows}
-    verdict = compare(by["resident"], by["stream"])
+    verdict = compare(by["resident"], by["stream"]) if {"resident", "stream"} <= by.keys() else {}
     if args.crash_at is not None:
         crash_dir = args.out / "run-crash"
         subprocess.run(["rm", "-rf", str(crash_dir)], check=True)
@@ -228,15 +246,23 @@ def main() -> None:
             "killed_after_records": killed["killed_after_records"],
             "resumed_from": resumed.get("resumed_from"),
             "losses_equal_uninterrupted": same,
-            "first_resumed_step_seconds_cold": resumed["records"][resumed["resumed_from"]]["seconds"],
+            # Not a cold step: the resumed run's flush of the pending update and its inference probe read (and
+            # cache) every layer before the first step.
+            "first_resumed_step_seconds": resumed["records"][resumed["resumed_from"]]["seconds"],
+            "resumed_wall_seconds": resumed["wall_seconds"],
         }
+    print(_save(args, rows, verdict))
+    print(json.dumps(verdict))
+
+
+def _save(args: argparse.Namespace, rows: list[dict[str, Any]], verdict: dict[str, Any]) -> str:
+    """``result.json`` (settings, every run with its step records, the verdict) and ``table.md``; returns the table."""
     report = {"settings": vars(args) | {"model_dir": str(args.model_dir), "out": str(args.out)}, "runs": rows}
     report["verdict"] = verdict
     (args.out / "result.json").write_text(json.dumps(report, indent=1, default=str))
     text = table(rows, verdict)
     (args.out / "table.md").write_text(text)
-    print(text)
-    print(json.dumps(verdict))
+    return text
 
 
 if __name__ == "__main__":
