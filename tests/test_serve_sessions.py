@@ -20,6 +20,7 @@ import torch
 from tests.test_serve import ask, free_port, serving, with_role_template
 from tiermem.cache import TierCache
 from tiermem.errors import TiermemError
+from tiermem.kvstore.blocks import StoreConfig
 from tiermem.layer_info import describe_layers
 from tiermem.memory import registry
 from tiermem.memory.base import Policy
@@ -70,15 +71,16 @@ def make_worker(
     folder: Path,
     kv_memory: int | None = None,
     choose_memory: int | None = None,
+    kv_dtype: str = "auto",
     **kw: Any,
 ) -> ModelWorker:
     """A worker and its store; ``choose_memory`` is the KV memory auto weighs (the server passes ``kv_memory``)."""
 
     def make_cache(chosen: Policy) -> TierCache:
-        return TierCache(lm.model, chosen, tokenizer=lm.tokenizer)
+        return TierCache(lm.model, chosen, StoreConfig(kv_dtype=kv_dtype), tokenizer=lm.tokenizer)
 
-    key = {"model": "tiny", "policy": repr(policy), "dtype": "float32"}
-    policies = SessionPolicies(policy, describe_layers(lm.model), choose_memory)
+    key = {"model": "tiny", "policy": repr(policy), "dtype": str(lm.model.dtype), "kv_dtype": kv_dtype}
+    policies = SessionPolicies(policy, describe_layers(lm.model, kv_dtype), choose_memory)
     return ModelWorker(lm, SessionStore(folder, key, policies, make_cache, kv_memory, **kw), Metrics())
 
 
@@ -136,6 +138,21 @@ def test_spill_and_restore_is_token_identical(lm: LoadedModel, tmp_path: Path, n
     assert spilled[1]["cached_tokens"] >= 40 and spilled[2]["cached_tokens"] > spilled[1]["cached_tokens"]
     stats = spilling.store.stats()
     assert stats.restored == 2 and stats.sessions["ram"] == 0 and stats.sessions["disk"] == 1
+
+
+@pytest.mark.parametrize("name", ["full", "streaming", "snapkv-sentence"])
+def test_spill_and_restore_is_token_identical_in_the_fast_formats(
+    tiny_model_dir: Path, tmp_path: Path, name: str
+) -> None:
+    """bf16 activations, int8 weights and int8 KV rows (the server's default formats): the stored bits come back."""
+    fast = load(str(tiny_model_dir), "bfloat16", weights_quant="auto")
+    policy = small_policy(name)
+    kept = conversation(make_worker(fast, policy, tmp_path / "ram", kv_dtype="int8"))
+    spilling = make_worker(fast, policy, tmp_path / "disk", kv_memory=1, kv_dtype="int8")
+    spilled = conversation(spilling)
+    assert [t["ids"] for t in spilled] == [t["ids"] for t in kept]
+    assert [t["cached_tokens"] for t in spilled] == [t["cached_tokens"] for t in kept]
+    assert spilling.store.stats().restored == 2
 
 
 def test_restart_resumes_from_files(lm: LoadedModel, tmp_path: Path) -> None:
