@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 
 from tiermem.errors import TiermemError
+from tiermem.serve.rewind import common_prefix
 from tiermem.serve.sessions import MIN_FORK_TOKENS, SUFFIX, SessionStore
 from tiermem.serve.state import StateError, read_file
 
@@ -225,15 +226,6 @@ class StoreModel:
         """A failed turn: a session that was new (nothing on disk) is forgotten by the server too."""
         if not session.tokens and session in self.sessions:
             self.sessions.remove(session)
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def held_after(ids: list[int], out: list[int], finish: str) -> int:

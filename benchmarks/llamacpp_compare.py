@@ -195,16 +195,9 @@ def run_worker(system: str, prompts: Path, index: int, args: argparse.Namespace)
 # ---------------------------------------------------------------------------------------------- report
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def markdown(results: list[dict[str, Any]], systems: list[str]) -> str:
+    from tiermem.serve.rewind import common_prefix  # here: the llama.cpp worker's venv has no torch
+
     head = (
         "| prompt tokens | system | prefill tok/s | decode tok/s | decode ms/step | decode steps | peak RSS MiB "
         "| prefill ÷ llama.cpp | decode ÷ llama.cpp | tokens = llama.cpp's | MB read / token | roofline tok/s "

@@ -3,14 +3,17 @@ arrays, and whether (and how) a cache can drop its tokens past a position and be
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from tiermem.cache import TierCache
 from tiermem.memory.layer import DenseLayer, SlidingWindowLayer
 
 
-def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    """Length of the longest common prefix of two id arrays, compared element by element."""
+def common_prefix(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) -> int:
+    """Length of the longest common prefix of two id sequences, compared element by element."""
+    a, b = np.asarray(a), np.asarray(b)
     n = min(len(a), len(b))
     differ = np.flatnonzero(a[:n] != b[:n])
     return int(differ[0]) if len(differ) else n
