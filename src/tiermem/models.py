@@ -255,7 +255,7 @@ def load(
     model.eval()
     model.requires_grad_(False)
     weights_format = dtype
-    if weights_quant != "none":  # auto: int4 where the checkpoint stores 4 bits (tiermem.formats)
+    if weights_quant != "none":  # auto: int4 where the checkpoint stores Q4_1, else int8 (tiermem.formats)
         per_module = weight_modes(source_types(source)) if weights_quant == "auto" else None
         weights_format = quantize_weights(model, weights_quant, quant_group, per_module).label
     return LoadedModel(

@@ -98,7 +98,7 @@ def _one_chunk(
     info: LayerInfo,
 ) -> torch.Tensor:
     """:func:`int8_attention` when all keys fit one chunk: ``grouped`` (1, Hkv, G*T, D) -> (1, Hkv, G*T, D) float32.
-    The same arithmetic as the loop's first step, in a third of its operations (a decode step's Python and
+    The same arithmetic as the loop's first step in fewer operations (a decode step's Python and
     dispatch cost is per operation)."""
     probs = _chunk_logits(grouped, keys, fmt, q_pos, k_pos, info).softmax(dim=-1)
     v_int, v_scale = fmt.split(values)
