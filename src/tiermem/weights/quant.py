@@ -30,7 +30,7 @@ from torch import nn
 
 from tiermem.errors import TiermemError
 
-WEIGHT_QUANTS = ("none", "int8", "int4", "auto")  # auto: int4 where the source is 4-bit (tiermem.formats)
+WEIGHT_QUANTS = ("none", "int8", "int4", "auto")  # auto: int4 where the GGUF source is Q4_1 (tiermem.formats)
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_INT4_GROUP = 32  # gpt-fast's command-line default; 128 is coarser and cannot split SmolLM2's 576 evenly
 
