@@ -107,7 +107,7 @@ def _tiermem_prompt(row: dict[str, Any], context_tokens: int | None = None) -> A
 
 
 def read_bandwidth_gb_s(threads: int) -> float:
-    """Streaming read bandwidth with ``threads`` threads: the best of 5 sums over 512 MiB (written first, so not
+    """Streaming read bandwidth with ``threads`` threads: the best of 6 sums over 512 MiB (written first, so not
     the shared zero page). The roofline's denominator."""
     import torch
 

@@ -53,8 +53,7 @@ def cpu_has_bf16() -> bool:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    flags = set(re.findall(r"\b(avx512_bf16|amx_bf16)\b", text))
-    return bool(flags)
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", text) is not None
 
 
 def apply_preset(args: argparse.Namespace) -> None:

@@ -183,8 +183,10 @@ def resolve_source(name: str) -> Path:
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
         _convert_gguf(gguf, target)
-    if source_types(target) is None:  # folders converted before the types were recorded get them once
-        with contextlib.suppress(OSError):  # a read-only cache: --weights-quant auto then takes int8 everywhere
+    # Folders converted before the types were recorded get them once; a read-only cache is not re-read on every load
+    # only to fail the write (--weights-quant auto then takes int8 everywhere).
+    if source_types(target) is None and os.access(target, os.W_OK):
+        with contextlib.suppress(OSError):
             save_gguf_types(gguf, target)
     return target
 
