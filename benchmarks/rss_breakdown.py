@@ -6,7 +6,8 @@
 Stages: after ``import torch``, ``import transformers``, ``tiermem.models.load`` (the load's own peak is VmHWM then),
 and after a needle prompt of ``--tokens`` tokens plus ``--steps`` decode forwards, run after a warm-up with the peak
 reset as ``llamacpp_compare.py`` measures it. Memory only: times on a shared machine mean nothing here.
-``--ids FILE`` writes the generated ids (JSON), ``--check FILE`` compares them with a file written before.
+``--trim-after-warmup`` returns the heap the warm-up freed before the peak is reset. ``--ids FILE`` writes the
+generated ids (JSON), ``--check FILE`` compares them with a file written before.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def malloc_free_mib() -> float | None:
 
 
 def tensor_kinds(model: Any) -> dict[str, float]:
-    """MiB held by the model's parameters and buffers by kind (each storage counted once)."""
+    """MiB held by the model's parameters and buffers by kind (each storage counted once, whole: a fused q/k/v
+    storage is counted where its first view is met)."""
     from torch import nn
 
     from tiermem.weights.quant import Int4WeightOnlyLinear, Int8WeightOnlyLinear
@@ -102,7 +104,7 @@ def tensor_kinds(model: Any) -> dict[str, float]:
                 kind = "norm weights"
             else:
                 kind = f"other ({mod_name}.{name})"
-            kinds[kind] = kinds.get(kind, 0.0) + t.numel() * t.element_size() / MIB
+            kinds[kind] = kinds.get(kind, 0.0) + t.untyped_storage().nbytes() / MIB  # views: their whole storage
     return {k: round(v, 2) for k, v in sorted(kinds.items())}
 
 
@@ -121,6 +123,9 @@ def main() -> None:
     parser.add_argument("--ids", help="write the generated token ids here (JSON)")
     parser.add_argument("--check", help="compare the generated token ids with this JSON file")
     parser.add_argument("--out", help="write every stage and the tensor table here (JSON)")
+    parser.add_argument(
+        "--trim-after-warmup", action="store_true", help="malloc_trim after the warm-up (an engine-side trim)"
+    )
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
     snapshot("start (python + _machine)", rows)
@@ -155,6 +160,11 @@ def main() -> None:
     warm = build_prompt(lm, sample.context[: len(sample.context) // 2], sample.question, "auto", sample.answer_prefix)
     generate(lm, warm, build("full"), GenerationConfig(max_new_tokens=5, store=store))
     snapshot("after warm-up", rows)
+    if args.trim_after_warmup:
+        from tiermem.models import release_free_memory
+
+        release_free_memory()
+        snapshot("after warm-up + malloc_trim", rows)
     reset_peak_rss()
     result = generate(lm, prompt, build("full"), GenerationConfig(max_new_tokens=args.steps + 1, store=store))
     snapshot(f"after {prompt.num_tokens}-token prefill + {args.steps} decode steps", rows)

@@ -35,9 +35,14 @@ from transformers.initialization import no_init_weights
 from tiermem.errors import TiermemError
 from tiermem.formats import save_gguf_types, source_types, weight_modes
 from tiermem.weights.flash import FlashConfig, FlashWeights
-from tiermem.weights.fuse import fuse_projections
 from tiermem.weights.loaders import read_tensor_into
-from tiermem.weights.quant import DEFAULT_INT4_GROUP, QuantReport, check_weight_quant, quantize_weights
+from tiermem.weights.quant import (
+    DEFAULT_INT4_GROUP,
+    Int8WeightOnlyLinear,
+    QuantReport,
+    check_weight_quant,
+    quantize_weights,
+)
 from tiermem.weights.shards import group_of, read_header, source_fingerprint
 from tiermem.weights.stream import StreamConfig, StreamedWeights, load_streamed
 
@@ -45,6 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 WEIGHT_PLACEMENTS = ("resident", "stream", "flash")
+HEAD_ROWS = 4096  # the LM head is quantized this many output rows at a time (_quantize_head)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -228,6 +234,36 @@ def _layer_view(model: Any, index: int) -> nn.Module:
     return holder
 
 
+def _quantize_head(model: Any) -> QuantReport | None:
+    """The LM head in int8 (as :func:`quantize_weights` makes it, every mode) :data:`HEAD_ROWS` output rows at a
+    time, then stacked; None when the head is not a plain bias-free ``nn.Linear``.
+
+    Per-channel int8 treats each row on its own, so the result is the same tensors; quantizing the whole head at
+    once holds several float32 copies of it (4 x 113 MB for SmolLM2's 49152 x 576 table: the load's peak).
+    """
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or head.bias is not None:
+        return None
+    table = head.weight.detach()
+    parts = []
+    for start in range(0, head.out_features, HEAD_ROWS):
+        rows = nn.Linear(head.in_features, 1, bias=False, device="meta", dtype=table.dtype)
+        rows.weight = nn.Parameter(table[start : start + HEAD_ROWS], requires_grad=False)  # a view: no copy
+        rows.out_features = rows.weight.shape[0]
+        parts.append(Int8WeightOnlyLinear(rows))
+    stacked = parts[0]
+    stacked.out_features = head.out_features
+    stacked.weight = torch.cat([p.weight for p in parts])
+    stacked.scales = torch.cat([p.scales for p in parts])
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if child is head:
+                setattr(parent, name, stacked)
+    before = table.numel() * table.element_size()
+    after = sum(t.numel() * t.element_size() for t in (stacked.weight, stacked.scales))
+    return QuantReport("int8", None, 1, before, after)
+
+
 def _load_resident(
     source: Path, dtype: torch.dtype, weights_quant: str, quant_group: int
 ) -> tuple[PreTrainedModel, QuantReport] | None:
@@ -280,7 +316,9 @@ def _load_resident(
         for handle in handles.values():
             handle.close()
     del targets
-    reports.append(quantize_weights(model, weights_quant, quant_group, per_module))
+    head = _quantize_head(model) if weights_quant != "none" else None
+    reports += [head] if head is not None else []
+    reports.append(quantize_weights(model, weights_quant, quant_group, per_module))  # any Linear left
     int4 = sum(r.int4_modules for r in reports)
     report = QuantReport(
         weights_quant,
@@ -371,8 +409,6 @@ def load(
             per_module = weight_modes(source_types(source)) if weights_quant == "auto" else None
             report = quantize_weights(model, weights_quant, quant_group, per_module)
         weights_format = report.label
-        if placement is None:  # resident weights only: a streamed layer's tensors are replaced as it is read
-            fuse_projections(model, model.dtype)
     release_free_memory()
     return LoadedModel(
         name=name, model=model, tokenizer=tokenizer, source=source, placement=placement, weights_format=weights_format
