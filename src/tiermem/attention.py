@@ -22,6 +22,7 @@ from transformers import AttentionInterface, PreTrainedModel
 
 from tiermem.layer_info import LayerInfo, attention_modules, describe_layers
 from tiermem.memory.layer import DenseLayer, TierLayer
+from tiermem.weights.fuse import fused_qkv
 
 ATTN_IMPLEMENTATION = "tiermem"
 LayerFactory = Callable[[LayerInfo], TierLayer]
@@ -58,9 +59,13 @@ def _project(module: Any, info: LayerInfo, hidden_states: torch.Tensor) -> tuple
     """The module's own projections and QK-norms: q (B, Hq, T, D), k and v (B, Hkv, T, D), before RoPE."""
     batch, t, _ = hidden_states.shape
     shape = (batch, t, -1, info.head_dim)
-    q = module.q_proj(hidden_states).view(shape).transpose(1, 2)
-    k = module.k_proj(hidden_states).view(shape).transpose(1, 2)
-    v = module.v_proj(hidden_states).view(shape).transpose(1, 2)
+    fused = fused_qkv(module)  # one GEMV for the three (tiermem.weights.fuse), when the loader fused them
+    if fused is not None:
+        q, k, v = (x.reshape(shape).transpose(1, 2) for x in fused.split(hidden_states))
+    else:
+        q = module.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = module.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = module.v_proj(hidden_states).view(shape).transpose(1, 2)
     if hasattr(module, "q_norm"):  # Qwen3 and Gemma3 normalise queries and keys per head before RoPE
         q, k = module.q_norm(q), module.k_norm(k)
     return q, k, v

@@ -113,6 +113,17 @@ class Int8WeightOnlyLinear(nn.Module):
         self.register_buffer("scales", scales.to(dtype))  # the kernel wants scales in the activations' dtype
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
+    @classmethod
+    def concatenated(cls, parts: list[Int8WeightOnlyLinear]) -> Int8WeightOnlyLinear:
+        """One module whose output is the parts' outputs side by side: their rows (and scales) stacked. No biases."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.in_features, fused.out_features = parts[0].in_features, sum(p.out_features for p in parts)
+        fused.register_buffer("weight", torch.cat([p.weight for p in parts]))
+        fused.register_buffer("scales", torch.cat([p.scales for p in parts]))
+        fused.register_buffer("bias", None)
+        return fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (..., K) -> (..., N)."""
         flat = x.reshape(-1, self.in_features)
@@ -154,6 +165,22 @@ class Int4WeightOnlyLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.unpackable = int4_unpackable(self.out_features, self.padded_in)
 
+    @classmethod
+    def concatenated(cls, parts: list[Int4WeightOnlyLinear]) -> Int4WeightOnlyLinear:
+        """One module whose output is the parts' outputs side by side. The packer keeps each block of 64 output rows
+        together (:func:`unpack_int4`), so packed rows stack when every part's row count is a multiple of 64
+        (:func:`tiermem.weights.fuse.fuse_linears` checks the result against the parts). No biases."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        first = parts[0]
+        fused.in_features, fused.padded_in, fused.group_size = first.in_features, first.padded_in, first.group_size
+        fused.out_features = sum(p.out_features for p in parts)
+        fused.register_buffer("weight", torch.cat([p.weight for p in parts]))
+        fused.register_buffer("scales_and_zeros", torch.cat([p.scales_and_zeros for p in parts], dim=1))
+        fused.register_buffer("bias", None)
+        fused.unpackable = int4_unpackable(fused.out_features, fused.padded_in)
+        return fused
+
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight (N, padded K) in ``dtype``, as the kernel reads it: ``(q - 8) * scale + zero`` per group,
         computed in float32."""
@@ -176,6 +203,8 @@ class Int4WeightOnlyLinear(nn.Module):
         pairs = self.scales_and_zeros
         if pairs.dtype != x.dtype:
             pairs = pairs.to(x.dtype)
+        if not pairs.is_contiguous():  # a fused part's view (tiermem.weights.fuse): the kernel misreads strides
+            pairs = pairs.contiguous()
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, pairs)
         out = out.view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
