@@ -6,7 +6,7 @@ the resident ZO run for the same seed over >= 20 steps, step time <= 1.5x reside
 
     .venv/bin/python benchmarks/make_random_llama.py --preset 1.1b --out bench-out/llama-1.1b-random --seed 0
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tune_stream_1b.py --model-dir bench-out/llama-1.1b-random \\
-        --steps 20 --out bench-out/tune-stream-1b [--crash-at 8]
+        --steps 20 --out bench-out/tune-stream-1b
 
 Each run is ``tiermem tune ... --json`` in its own process, one after the other (resident, then stream), so the
 step-time ratio is taken under the same machine load; the load average is recorded around each run. The task is a
@@ -16,15 +16,22 @@ prompt-based classification loss. Peak RSS is reported three ways: tune's own (t
 the child's ``ru_maxrss`` (after tune's last reset: training and the final evaluation) and the highest ``VmRSS`` the
 parent sampled every 0.1 s over the child's whole life (loading and conversion included).
 
-``--crash-at K`` adds a third run (``--crash-steps`` long): the streamed run killed with SIGKILL in the middle of step
-K+1 (half a step after step K's record appears), the page cache dropped (the resumed run reads the layers from
-disk: its flush of the pending update and its inference probe, before the first resumed step), then ``--resume``:
-its losses must equal the uninterrupted streamed run's.
+``--crash-at K`` adds a crash run (``--crash-steps`` long, default ``--steps``) in ``run-crash``: the streamed run
+killed with SIGKILL in step K+1, half a step in, at the first moment after that when a layer file is being written
+(a ``.tmp`` in a generation folder: a torn file beside the last checkpoint), then ``--resume`` to the same step
+count. It is compared with the uninterrupted streamed run (``run-stream``, run first or, with ``--order ''``, an
+earlier one in ``--out``): every step's loss+, loss- and projected gradient, the final test loss, and the last
+checkpoint (each layer file's SHA-256, the pending update). Where the kill landed and the ``.tmp`` files left after
+the resumed run are recorded. Issue 12's "a crash mid-step loses at most that step", at 1.1B, in one command:
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tune_stream_1b.py --model-dir bench-out/llama-1.1b-random \
+        --steps 4 --order stream --crash-at 2 --out bench-out/tune-stream-1b/crash
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import resource
@@ -88,15 +95,13 @@ def run_tune(args: argparse.Namespace, task: Path, weights: str, out: Path, **kw
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, env=env, text=True)
     sampled, killed = 0, False
     kill_after = kw.get("kill_after_step")
-    killed_at = None
+    killed_at, landed = None, {}
     while child.poll() is None:
         sampled = max(sampled, _rss(child.pid))
         if kill_after is not None and not killed:
             records = _records(out)
             if len(records) >= kill_after:
-                # Half of the last step's time into the next step: mid-step, layers half written.
-                time.sleep(records[-1]["seconds"] / 2)
-                child.send_signal(signal.SIGKILL)
+                landed = _kill_mid_write(child, out, records[-1]["seconds"] / 2)
                 killed, killed_at = True, len(_records(out))
         time.sleep(0.1)
     stdout = child.stdout.read() if child.stdout else ""
@@ -104,7 +109,7 @@ def run_tune(args: argparse.Namespace, task: Path, weights: str, out: Path, **kw
     log.close()
     row: dict[str, Any] = {"weights": weights, "command": " ".join(command), "returncode": child.returncode}
     if killed:
-        row.update(killed_after_records=killed_at, records=_records(out))
+        row.update(killed_after_records=killed_at, records=_records(out), landed=landed)
     elif child.returncode != 0:
         raise SystemExit(f"{weights} run failed:\n{(out.parent / f'{out.name}.stderr').read_text()[-3000:]}")
     else:
@@ -114,6 +119,33 @@ def run_tune(args: argparse.Namespace, task: Path, weights: str, out: Path, **kw
     row.update(sampled_peak_rss_bytes=sampled, wall_seconds=round(wall, 1), cpu_seconds=_children_cpu() - cpu_before)
     row.update(load_before=[round(x, 2) for x in load_before], load_after=[round(x, 2) for x in os.getloadavg()])
     return row
+
+
+def _kill_mid_write(child: subprocess.Popen[str], out: Path, delay: float) -> dict[str, Any]:
+    """SIGKILL ``child`` ``delay`` seconds into its next step, at the first moment after that when a layer file is
+    being written (a ``.tmp`` in a generation folder): the hard case, a torn file beside the last checkpoint.
+
+    Returns where it landed: the ``.tmp`` files left (name, bytes), the layers this step had already renamed into
+    place (newer than ``checkpoint.json``) and the checkpoint's step. Waits at most one more ``2 * delay`` for a
+    write; kills anyway then."""
+    time.sleep(delay)
+    deadline = time.perf_counter() + 2 * delay
+    while time.perf_counter() < deadline and not any(out.glob("weights-*/*.tmp")):
+        time.sleep(0.005)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    meta = json.loads((out / "checkpoint.json").read_text())
+    stamp = (out / "checkpoint.json").stat().st_mtime
+    renamed = sorted(
+        f"{p.parent.name}/{p.name}" for p in out.glob("weights-*/*.safetensors") if p.stat().st_mtime > stamp
+    )
+    temps = {f"{p.parent.name}/{p.name}": p.stat().st_size for p in out.rglob("*.tmp")}
+    return {
+        "checkpoint_step": meta["step"],
+        "checkpoint_folder": meta["stream"]["folder"],
+        "tmp_files": temps,
+        "renamed_this_step": renamed,
+    }
 
 
 def _records(out: Path) -> list[dict[str, Any]]:
@@ -178,7 +210,18 @@ def table(rows: list[dict[str, Any]], verdict: dict[str, Any]) -> str:
             f"{tune_peak} | {maxrss} | {sampled} | {cpu} | {load} |"
         )
     lines.append("")
-    if not verdict:
+    if "crash" in verdict:
+        crash, landed = verdict["crash"], verdict["crash"]["landed"]
+        where = f"checkpoint of step {landed['checkpoint_step']} in {landed['checkpoint_folder']}, "
+        where += f"{len(landed['renamed_this_step'])} layers of the step renamed, .tmp: {landed['tmp_files']}"
+        lines.append(
+            f"Crash: SIGKILL in step {crash['killed_after_records'] + 1} ({where}); resumed from step "
+            f"{crash['resumed_from']}: records equal to the uninterrupted run's: "
+            f"{crash['records_equal_uninterrupted']}, final test loss (resumed, uninterrupted) {crash['loss_after']}, "
+            f"final weight files equal: {crash.get('final_weight_files_equal')}, "
+            f".tmp files left: {crash['tmp_files_after_resume']}."
+        )
+    if "steps_compared" not in verdict:
         return "\n".join(lines) + "\n"
     lines.append(
         f"Losses (loss+ and loss- of {verdict['steps_compared']} steps): bitwise equal: {verdict['bitwise_equal']}, "
@@ -202,6 +245,8 @@ def main() -> None:
     parser.add_argument("--order", default="resident,stream", help="runs, one after the other")
     parser.add_argument("--crash-at", type=int, default=None, help="also kill a streamed run mid-step after K")
     parser.add_argument("--crash-steps", type=int, default=None, help="steps of the crash run (default --steps)")
+    parser.add_argument("--compare-steps", type=Path, help="crash: also compare with this steps.jsonl's first steps")
+    parser.add_argument("--drop-cache", action="store_true", help="crash: drop the page cache (machine-wide) first")
     parser.add_argument("--resident-from", type=Path, help="take the resident row from an earlier result.json")
     parser.add_argument("--collect", action="store_true", help="run nothing: tabulate the run folders in --out")
     args = parser.parse_args()
@@ -211,12 +256,11 @@ def main() -> None:
     if args.resident_from is not None:
         earlier = json.loads(args.resident_from.read_text())["runs"]
         rows += [dict(r, label="resident (earlier run)") for r in earlier if r["weights"] == "resident"]
-    for weights in args.order.split(","):
+    for weights in [w for w in args.order.split(",") if w]:
         run_dir = args.out / f"run-{weights}"
         if args.collect:  # what tune wrote itself (no RSS sampling or load average)
-            result = json.loads((run_dir / "results.jsonl").read_text().splitlines()[-1])
             label = weights if weights == "resident" else f"stream --weight-memory {args.weight_memory}"
-            rows.append(dict(result, weights=weights, label=label, records=_records(run_dir)))
+            rows.append(dict(_collected(run_dir, weights), label=label))
             continue
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
         before = _children_maxrss()
@@ -230,29 +274,60 @@ def main() -> None:
     by = {r["weights"]: r for r in rows}
     verdict = compare(by["resident"], by["stream"]) if {"resident", "stream"} <= by.keys() else {}
     if args.crash_at is not None:
-        crash_dir = args.out / "run-crash"
-        subprocess.run(["rm", "-rf", str(crash_dir)], check=True)
-        steps = args.crash_steps or args.steps
-        killed = run_tune(args, task, "stream", crash_dir, kill_after_step=args.crash_at, steps=steps)
-        cold = drop_page_cache()
-        resumed = run_tune(args, task, "stream", crash_dir, resume=True, steps=steps)
-        resumed["label"] = f"stream resumed after SIGKILL in step {killed['killed_after_records'] + 1}"
-        resumed["page_cache_dropped_before"] = cold
+        reference = by.get("stream") or _collected(args.out / "run-stream", "stream")
+        resumed, verdict["crash"] = crash_and_resume(args, task, reference)
         rows.append(resumed)
-        same = [(r["loss_plus"], r["loss_minus"]) for r in resumed["records"]] == [
-            (r["loss_plus"], r["loss_minus"]) for r in by["stream"]["records"][:steps]
-        ]
-        verdict["crash"] = {
-            "killed_after_records": killed["killed_after_records"],
-            "resumed_from": resumed.get("resumed_from"),
-            "losses_equal_uninterrupted": same,
-            # Not a cold step: the resumed run's flush of the pending update and its inference probe read (and
-            # cache) every layer before the first step.
-            "first_resumed_step_seconds": resumed["records"][resumed["resumed_from"]]["seconds"],
-            "resumed_wall_seconds": resumed["wall_seconds"],
-        }
     print(_save(args, rows, verdict))
     print(json.dumps(verdict))
+
+
+def crash_and_resume(args: argparse.Namespace, task: Path, reference: dict[str, Any]) -> tuple[dict, dict]:
+    """A streamed run SIGKILLed mid-write in step ``crash_at + 1``, then ``--resume`` to the same step count; compared
+    with the uninterrupted streamed run ``reference`` (its records, final test loss and, when it ran as many steps,
+    its last checkpoint: every layer file's SHA-256 and the pending update)."""
+    crash_dir = args.out / "run-crash"
+    subprocess.run(["rm", "-rf", str(crash_dir)], check=True)
+    steps = args.crash_steps or args.steps
+    killed = run_tune(args, task, "stream", crash_dir, kill_after_step=args.crash_at, steps=steps)
+    cold = drop_page_cache() if args.drop_cache else False
+    resumed = run_tune(args, task, "stream", crash_dir, resume=True, steps=steps)
+    resumed["label"] = f"stream resumed after SIGKILL in step {killed['killed_after_records'] + 1}"
+    keys = ("loss_plus", "loss_minus", "projected_grad")
+    mine = [tuple(r[k] for k in keys) for r in resumed["records"]]
+    verdict: dict[str, Any] = {
+        "killed_after_records": killed["killed_after_records"],
+        "landed": killed["landed"],
+        "killed_wall_seconds": killed["wall_seconds"],
+        "page_cache_dropped_before_resume": cold,
+        "resumed_from": resumed.get("resumed_from"),
+        "steps": len(mine),
+        "records_equal_uninterrupted": mine == [tuple(r[k] for k in keys) for r in reference["records"][:steps]],
+        "loss_after": [resumed["loss_after"], reference["loss_after"]] if len(reference["records"]) == steps else None,
+        "tmp_files_after_resume": sorted(str(p.relative_to(crash_dir)) for p in crash_dir.rglob("*.tmp")),
+        "weight_folders_after_resume": sorted(p.name for p in crash_dir.glob("weights-*")),
+        "resumed_wall_seconds": resumed["wall_seconds"],
+    }
+    if len(reference["records"]) == steps:  # the last checkpoint: the same layer files and the same pending update
+        dirs = (crash_dir, args.out / "run-stream")
+        a, b = (json.loads((d / "checkpoint.json").read_text())["stream"] for d in dirs)
+        verdict["checkpoint_layers_equal"] = a["sha256"] == b["sha256"] and len(a["sha256"]) > 0
+        verdict["checkpoint_pending_equal"] = a["pending"] == b["pending"]
+        # The final weights: the final evaluation applied the pending update into the other generation folder.
+        flip = {"weights-0": "weights-1", "weights-1": "weights-0"}
+        final = [dirs[0] / flip[a["folder"]], dirs[1] / flip[b["folder"]]]
+        names = sorted(p.name for p in final[1].iterdir())
+        same = [filecmp.cmp(final[0] / n, final[1] / n, shallow=False) for n in names if (final[0] / n).is_file()]
+        verdict["final_weight_files_equal"] = f"{sum(same)} of {len(names)}"
+    if args.compare_steps is not None:  # e.g. the 20-step run's first steps
+        other = [json.loads(line) for line in args.compare_steps.read_text().splitlines() if line.strip()]
+        verdict["records_equal_" + str(args.compare_steps)] = mine == [tuple(r[k] for k in keys) for r in other[:steps]]
+    return resumed, verdict
+
+
+def _collected(run_dir: Path, weights: str) -> dict[str, Any]:
+    """A finished run as tune wrote it (its last ``results.jsonl`` line, its ``steps.jsonl``)."""
+    result = json.loads((run_dir / "results.jsonl").read_text().splitlines()[-1])
+    return dict(result, weights=weights, records=_records(run_dir))
 
 
 def _save(args: argparse.Namespace, rows: list[dict[str, Any]], verdict: dict[str, Any]) -> str:
