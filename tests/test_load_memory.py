@@ -132,7 +132,7 @@ def test_checkpoint_with_other_names_falls_back_to_transformers(folder: Path) ->
     tensors = load_file(str(folder / "model.safetensors"))
     tensors["model.extra.weight"] = torch.zeros(3)  # a tensor the model has no place for
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    assert models._load_resident(folder, torch.float32, "none", 32) is None
+    assert models._load_resident(folder, torch.bfloat16, "none", 32) is None
     lm = models.load(str(folder), "float32")  # transformers loads it (and drops the extra tensor)
     reference, _ = _reference(folder, torch.float32, "none")
     assert torch.equal(lm.model.model.layers[1].mlp.up_proj.weight, reference.model.layers[1].mlp.up_proj.weight)
@@ -140,3 +140,11 @@ def test_checkpoint_with_other_names_falls_back_to_transformers(folder: Path) ->
 
 def test_release_free_memory_returns_the_heap() -> None:
     assert models.release_free_memory()  # glibc here: malloc_trim ran
+
+
+def test_a_checkpoint_used_as_stored_is_left_to_the_zero_copy_map(folder: Path) -> None:
+    """float32 stored, float32 used, nothing quantized: from_pretrained's parameters view the mapped file (no
+    copy at all), which plain reads could only match; a conversion or a quantization is read layer by layer."""
+    assert models._load_resident(folder, torch.float32, "none", 32) is None
+    assert models._load_resident(folder, torch.bfloat16, "none", 32) is not None
+    assert models._load_resident(folder, torch.float32, "int8", 32) is not None

@@ -35,7 +35,6 @@ from transformers.initialization import no_init_weights
 from tiermem.errors import TiermemError
 from tiermem.formats import save_gguf_types, source_types, weight_modes
 from tiermem.weights.flash import FlashConfig, FlashWeights
-from tiermem.weights.fuse import fuse_projections
 from tiermem.weights.loaders import read_tensor_into
 from tiermem.weights.quant import (
     DEFAULT_INT4_GROUP,
@@ -270,16 +269,21 @@ def _load_resident(
 ) -> tuple[PreTrainedModel, QuantReport] | None:
     """Build the model empty and fill it from its safetensors files with plain reads, one decoder layer at a time,
     quantizing each layer as soon as it is filled; None when the checkpoint does not map one to one onto the model
-    (renamed, missing, extra or reshaped tensors, modules kept in float32): transformers then loads it.
+    (renamed, missing, extra or reshaped tensors, modules kept in float32), or when every tensor is stored in
+    ``dtype`` and nothing is quantized: transformers then loads it.
 
     ``from_pretrained`` maps the files (their pages count in RSS until the load ends) and holds every float weight
     until the model is quantized: a float32 SmolLM2 in bfloat16 peaked at 1.16 GiB. Here the peak is the quantized
-    model plus one layer in ``dtype``. Values are those ``from_pretrained`` gives (the same ``copy_`` rounding;
-    ``tests/test_load_memory.py`` compares every tensor).
+    model plus one layer in ``dtype``. (A float32 file loaded in float32 is not copied by ``from_pretrained``: the
+    parameters view the map, so its pages are the weights, not a second copy.) Values are those ``from_pretrained``
+    gives (the same ``copy_`` rounding; ``tests/test_load_memory.py`` compares every tensor).
     """
     files = sorted(source.glob("*.safetensors"))
     if not files:
         return None
+    shards = [read_header(f) for f in files]
+    if weights_quant == "none" and all(e.dtype == dtype for shard in shards for e in shard.tensors):
+        return None  # stored as used: from_pretrained's weights are the mapped file's pages (zero-copy, reclaimable)
     config = AutoConfig.from_pretrained(str(source), local_files_only=True)
     with no_init_weights():  # every persistent tensor is read below; non-persistent buffers are computed as usual
         model: Any = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -287,7 +291,6 @@ def _load_resident(
     if model._keep_in_fp32_modules or model._keep_in_fp32_modules_strict:
         return None
     targets = model.state_dict(keep_vars=True)  # tied weights appear under each name, as one tensor
-    shards = [read_header(f) for f in files]
     stored = {e.name: (shard, e) for shard in shards for e in shard.tensors}
     unique = {id(t) for t in targets.values()}
     filled = {id(targets[n]) for n in stored if n in targets}
@@ -410,8 +413,6 @@ def load(
             per_module = weight_modes(source_types(source)) if weights_quant == "auto" else None
             report = quantize_weights(model, weights_quant, quant_group, per_module)
         weights_format = report.label
-        if placement is None:  # resident weights only: a streamed layer's tensors are replaced as it is read
-            fuse_projections(model, model.dtype)
     release_free_memory()
     return LoadedModel(
         name=name, model=model, tokenizer=tokenizer, source=source, placement=placement, weights_format=weights_format
