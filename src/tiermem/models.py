@@ -35,6 +35,7 @@ from transformers.initialization import no_init_weights
 from tiermem.errors import TiermemError
 from tiermem.formats import save_gguf_types, source_types, weight_modes
 from tiermem.weights.flash import FlashConfig, FlashWeights
+from tiermem.weights.fuse import fuse_projections
 from tiermem.weights.loaders import read_tensor_into
 from tiermem.weights.quant import (
     DEFAULT_INT4_GROUP,
@@ -413,6 +414,8 @@ def load(
             per_module = weight_modes(source_types(source)) if weights_quant == "auto" else None
             report = quantize_weights(model, weights_quant, quant_group, per_module)
         weights_format = report.label
+        if placement is None:  # resident weights only: a streamed layer's tensors are replaced as it is read
+            fuse_projections(model, model.dtype)
     release_free_memory()
     return LoadedModel(
         name=name, model=model, tokenizer=tokenizer, source=source, placement=placement, weights_format=weights_format
