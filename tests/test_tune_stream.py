@@ -3,6 +3,7 @@ the tuned model loads back; limits and corrupt layers are one-line errors (tiny 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from tests.tune_fixtures import make_tiny_tune_model
 from tiermem.cli import main
 from tiermem.errors import TiermemError
 from tiermem.tune import TuneConfig, tune
+from tiermem.tune.generations import layer_path, other
+from tiermem.tune.layer_files import read_aligned, write_layer
 from tiermem.tune.stream import StreamRunner
 from tiermem.tune.trainer import TuneResult
 from tiermem.weights.shards import open_store
@@ -97,25 +100,42 @@ def _meta_model(folder: Path) -> torch.nn.Module:
 
 
 def test_streamed_resume_after_a_crash(tied_model: Path, tmp_path: Path) -> None:
+    """A crash in step 4's writes: the other generation holds a torn ``.tmp``, a layer of the unfinished step and a
+    torn manifest; the resumed run repeats step 4 from the checkpoint's generation, as the uninterrupted run did,
+    and leaves no ``.tmp`` behind."""
     whole = _run(tied_model, tmp_path / "whole", "stream", steps=5, save_model=False)
     settings = dict(model=str(tied_model), method="zo-sgd", task="polarity-k16", steps=5, lr=1e-2, batch_size=4)
     first = tune(TuneConfig(**settings, weights="stream", out=tmp_path / "run"), stop_after=3)  # type: ignore[arg-type]
     assert first.steps == 3
+    current = tmp_path / "run" / json.loads((tmp_path / "run" / "checkpoint.json").read_text())["stream"]["folder"]
+    torn = layer_path(other(current), 1)
+    torn.with_name(torn.name + ".tmp").write_bytes(torn.read_bytes()[:1000])  # killed while writing layer 1
+    tensors = {k: 2 * v for k, v in read_aligned(layer_path(current, 0)).items()}
+    write_layer(layer_path(other(current), 0), tensors)  # step 4's layer 0, renamed into place, never checkpointed
+    (other(current) / "manifest.json").write_text('{"num_lay')  # and a torn manifest there (a kill mid-copy)
     resumed = tune(TuneConfig(**settings, weights="stream", out=tmp_path / "run", resume=True))  # type: ignore[arg-type]
     assert resumed.resumed_from == 3
     assert resumed.losses == whole.losses and resumed.after == whole.after
+    assert not list((tmp_path / "run").rglob("*.tmp"))
+
+
+def test_generation_files() -> None:
+    assert other(Path("/r/weights-0")) == Path("/r/weights-1") and other(Path("/r/weights-1")) == Path("/r/weights-0")
+    assert layer_path(Path("g"), 7).name == "layer_0007.safetensors"
+    assert layer_path(Path("g"), -1).name == "resident.safetensors"
 
 
 def test_streamed_corrupt_layer_is_refused(tied_model: Path, tmp_path: Path) -> None:
     _run(tied_model, tmp_path, "stream", steps=2, save_model=False)
-    import json
-
     folder = tmp_path / json.loads((tmp_path / "checkpoint.json").read_text())["stream"]["folder"]
     layer = folder / "layer_0001.safetensors"
     data = bytearray(layer.read_bytes())
     data[-3] ^= 0xFF
     layer.write_bytes(bytes(data))
     with pytest.raises(TiermemError, match="does not match its SHA-256"):
+        _run(tied_model, tmp_path, "stream", steps=3, resume=True)
+    layer.unlink()  # a missing layer file: the same one-line error, not a FileNotFoundError
+    with pytest.raises(TiermemError, match=r"layer_0001\.safetensors is missing"):
         _run(tied_model, tmp_path, "stream", steps=3, resume=True)
 
 
@@ -129,7 +149,6 @@ def test_stream_rejects_stateful_rules_and_lora(tied_model: Path, capsys: pytest
 def test_write_layer_is_safetensors_with_its_checksum(tmp_path: Path) -> None:
     """The layer writer's own safetensors: loadable by safetensors, the SHA-256 is the file's, read back aligned."""
     from tiermem.tune.checkpoint import sha256_file
-    from tiermem.tune.layer_files import read_aligned, write_layer
 
     tensors = {
         "a.weight": torch.randn(3, 5),

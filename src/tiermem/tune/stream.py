@@ -22,9 +22,10 @@ Here the slow tier is the disk and the fast one is RAM:
   embedding is the exception, because a tied head still needs its +ε values at the end of the pass: its rows
   ``[B:]`` look up only the batch's token rows at −ε, computed from the +ε rows and the z rows kept while the
   step's +ε perturbation went by (a few rows, not a −ε copy of the matrix);
-- generations alternate between two folders and the checkpoint (written after every step, a small JSON) names the
-  folder and the pending (seed, g, lr); a crash mid-step leaves the previous folder and checkpoint whole. The lr
-  travels with (seed, g) because a schedule (``--lr-schedule``) changes it before the delayed update is applied.
+- generations alternate between two folders (:mod:`tiermem.tune.generations`) and the checkpoint (written after
+  every step, a small JSON) names the folder and the pending (seed, g, lr); a crash mid-step leaves the previous
+  folder and checkpoint whole. The lr travels with (seed, g) because a schedule (``--lr-schedule``) changes it
+  before the delayed update is applied.
 
 Each tensor goes through the same operations in the same order as in the resident run (restore, update, perturb),
 and each row of the doubled batch through the same kernels, so the losses are those of the resident ZO run for the
@@ -35,7 +36,6 @@ bucketed transfers; only the stateless rules (``zo-sgd``, ``zo-sgd-sign``) strea
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -46,19 +46,19 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tiermem.errors import TiermemError
-from tiermem.tune.checkpoint import sha256_file
+from tiermem.tune.checkpoint import read_meta, write_atomic
 from tiermem.tune.config import TuneConfig
 from tiermem.tune.dual_batch import add_noise_keeping_rows, join, split_call
+from tiermem.tune.generations import FIRST, export_sharded, layer_path, other, verify
 from tiermem.tune.layer_files import load_resident, numel, read_aligned, write_layer
 from tiermem.tune.objective import Batch, Objective
 from tiermem.tune.perturb import add_noise_, step_seed
 from tiermem.tune.zo import ZOOptimizer
-from tiermem.weights.shards import MANIFEST, LayerStore, convert, open_store, read_group, read_header
+from tiermem.weights.shards import MANIFEST, LayerStore, convert, open_store, read_group
 from tiermem.weights.stream import _set_parameter, _tied_aliases, decoder_layers
 
 MIB = 2**20
@@ -127,13 +127,15 @@ class StreamRunner:
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
         model.tie_weights()
         root = config.out if config.out is not None else Path(tempfile.mkdtemp(prefix="tiermem-tune-"))
-        first = root / "weights-0"
+        first = root / FIRST
         if not config.resume:
             for old in root.glob("weights-*"):
                 shutil.rmtree(old)
             convert(source, first, dtype, tied=set(_tied_aliases(model)))
-        expected = {name for name, _ in model.named_parameters()}
-        store = open_store(first if first.is_dir() else root / "weights-1", expected)
+        current = first
+        if config.resume:  # the checkpoint's generation: the other may hold a crashed step's files, torn ones too
+            current = root / str((read_meta(root).get("stream") or {}).get("folder", FIRST))
+        store = open_store(current, {name for name, _ in model.named_parameters()})
         load_resident(model, store)
         model.eval()
         model.requires_grad_(False)
@@ -166,12 +168,8 @@ class StreamRunner:
 
     # --- layers in and out ---------------------------------------------------------------------------------------
 
-    def _path(self, folder: Path, index: int) -> Path:
-        """Layer ``index``'s file; -1 is the resident group."""
-        return folder / ("resident.safetensors" if index < 0 else f"layer_{index:04d}.safetensors")
-
     def _read(self, index: int) -> dict[str, torch.Tensor]:
-        tensors = read_aligned(self._path(self.folder, index))
+        tensors = read_aligned(layer_path(self.folder, index))
         if self.pending is not None:  # ZO2's delayed update: the previous step's rule, applied on arrival
             for name, tensor in tensors.items():
                 self._apply_pending(name, tensor)
@@ -191,12 +189,8 @@ class StreamRunner:
             self._reads[index + 1] = self._reader.submit(self._read, index + 1)
         return tensors
 
-    def _target(self) -> Path:
-        name = "weights-1" if self.folder.name == "weights-0" else "weights-0"
-        return self.root / name
-
     def _save(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
-        path = self._path(self._target(), index)
+        path = layer_path(other(self.folder), index)
         if self._writer is None:
             self.checksums[index] = write_layer(path, tensors)
             return
@@ -302,7 +296,7 @@ class StreamRunner:
             else:
                 add_noise_(param.data, seed, name, eps)
         self.mode, self.seed = "dual", seed
-        self._target().mkdir(exist_ok=True)
+        other(self.folder).mkdir(exist_ok=True)
         doubled = Batch(
             *(torch.cat([t, t]) for t in (batch.input_ids, batch.attention_mask, batch.position_ids)), batch.labels
         )
@@ -332,19 +326,19 @@ class StreamRunner:
         for index, future in self._writes:
             self.checksums[index] = future.result()
         self._writes.clear()
-        target = self._target()
+        target = other(self.folder)
         # The resident group joins the generation as it stands (restored, its pending update not yet applied),
-        # so every folder is a complete layer store; the manifest goes last.
+        # so every folder is a complete layer store; the manifest goes last, atomically (a resumed run opens it).
         resident = {n: p.data for n, p in self._resident_named}
         self.checksums[-1] = write_layer(target / "resident.safetensors", resident)
-        shutil.copy(self.folder / MANIFEST, target / MANIFEST)
+        write_atomic(target / MANIFEST, (self.folder / MANIFEST).read_bytes())
         self.folder = target
 
     def _flush(self) -> None:
         """Apply the pending update to every layer (one read and write each) so the folder holds the weights."""
         if self.pending is None:
             return
-        target = self._target()
+        target = other(self.folder)
         target.mkdir(exist_ok=True)
         for index in range(self.num_layers):
             self._save(index, self._acquire(index))
@@ -359,14 +353,9 @@ class StreamRunner:
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         stream = meta.get("stream") or {}
-        folder = self.root / str(stream.get("folder", ""))
-        if not stream or not (folder / MANIFEST).is_file():
-            raise TiermemError(f"corrupt checkpoint: streamed weights folder {folder} is missing")
+        folder = self.root / str(stream.get("folder", "weights-?"))
+        self.checksums = verify(folder, stream.get("sha256") or {})  # before any compute: a one-line error
         store = open_store(folder, {n for n, _ in self.model.named_parameters()})
-        for index, expected in (stream.get("sha256") or {}).items():
-            if sha256_file(self._path(folder, int(index))) != expected:
-                raise TiermemError(f"corrupt checkpoint: layer {index} in {folder} does not match its SHA-256")
-        self.checksums = {int(k): v for k, v in (stream.get("sha256") or {}).items()}
         resident = read_group(store.resident)
         with torch.no_grad():
             for name, param in self._resident_named:
@@ -382,20 +371,9 @@ class StreamRunner:
     def save_model(self, out: Path) -> None:
         """A sharded HF folder: the layer files as shards plus an index (never the whole model in RAM)."""
         self._flush()
-        target = out / "model"
-        target.mkdir(parents=True, exist_ok=True)
-        weight_map: dict[str, str] = {}
-        resident = {n: p.data.contiguous() for n, p in self._resident_named}
-        save_file(resident, str(target / "resident.safetensors"), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(resident, "resident.safetensors"))
-        for index in range(self.num_layers):
-            name = f"layer_{index:04d}.safetensors"
-            shutil.copy(self.folder / name, target / name)
-            weight_map.update({e.name: name for e in read_header(target / name).tensors})
-        index_json = {"metadata": {}, "weight_map": weight_map}
-        (target / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=1))
-        self.model.config.save_pretrained(str(target))  # type: ignore[union-attr,operator]
-        self.objective.tokenizer.save_pretrained(str(target))
+        export_sharded(self.folder, {n: p.data for n, p in self._resident_named}, self.num_layers, out / "model")
+        self.model.config.save_pretrained(str(out / "model"))  # type: ignore[union-attr,operator]
+        self.objective.tokenizer.save_pretrained(str(out / "model"))
 
     def close(self) -> None:
         for pool in (self._reader, self._writer):
