@@ -116,6 +116,7 @@ def snapshot(label: str, rows: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
     parser.add_argument("--formats", choices=("fast", "exact"), default="fast")
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--steps", type=int, default=32)
@@ -150,7 +151,7 @@ def main() -> None:
     preset = argparse.Namespace(formats=args.formats, dtype=None, weights_quant=None, kv_dtype=None)
     apply_preset(preset)
     start = time.perf_counter()
-    lm = load("smollm2", preset.dtype, weights_quant=preset.weights_quant)
+    lm = load(args.model, preset.dtype, weights_quant=preset.weights_quant)
     load_seconds = time.perf_counter() - start
     snapshot(f"load ({lm.weights_format}, {preset.dtype}); VmHWM = the load's peak", rows)
     kinds = tensor_kinds(lm.model)

@@ -252,10 +252,8 @@ def _quantize_head(model: Any) -> QuantReport | None:
         rows.weight = nn.Parameter(table[start : start + HEAD_ROWS], requires_grad=False)  # a view: no copy
         rows.out_features = rows.weight.shape[0]
         parts.append(Int8WeightOnlyLinear(rows))
-    stacked = parts[0]
-    stacked.out_features = head.out_features
-    stacked.weight = torch.cat([p.weight for p in parts])
-    stacked.scales = torch.cat([p.scales for p in parts])
+    stacked = Int8WeightOnlyLinear.concatenated(parts)
+    del parts
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if child is head:
