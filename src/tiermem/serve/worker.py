@@ -4,9 +4,11 @@ The model is not thread-safe (tiermem's attention forward is patched onto its mo
 this thread. Async endpoints submit a :class:`~tiermem.serve.turns.Job` and await its events (``start``, ``text``,
 ``done`` or ``error``), which the thread hands to the event loop with ``call_soon_threadsafe``.
 
-Continuous batching: up to ``max_batch`` turns run at once. A new turn is admitted between decode steps (its prompt
-is prefilled alone), then every running turn's next token is fed in one batched forward
-(:func:`tiermem.serve.batch.decode_step`). Under ``--kv-memory`` a turn is admitted only while its KV (its prompt and
+Continuous batching: up to ``max_batch`` turns run at once. A new turn is admitted between decode steps and its
+prompt is read one chunk (``chunk_size`` tokens) per step, oldest turn first, while every turn that is answering gets
+its next token from one batched forward (:func:`tiermem.serve.batch.decode_step`): vLLM's chunked prefill, so
+running answers keep streaming while a long prompt is read (reading it whole first stalled them, BENCHMARKS.md).
+Under ``--kv-memory`` a turn is admitted only while its KV (its prompt and
 answer under its policy) fits beside the running turns' KV, so running sessions never hold more than the limit
 together; the next turn waits, in order, until one ends (a turn alone always runs, however large).
 
@@ -54,7 +56,8 @@ class ShuttingDown(Exception):
 
 @dataclass
 class Running:
-    """A turn between decode steps. ``token`` is sampled and waits to be fed; the session holds everything before."""
+    """A turn between decode steps. While ``reading``, ``pending`` holds the prompt tokens not fed yet; then
+    ``token`` is sampled and waits to be fed; the session holds everything before."""
 
     job: Job
     session: Session
@@ -66,6 +69,10 @@ class Running:
     token: int | None = None
     finish: str = "length"
     text: str = ""
+    reading: bool = True
+    pending: list[int] = field(default_factory=list)
+    prompt: list[int] = field(default_factory=list)  # the whole prompt: a fresh session probes its tail
+    fresh: bool = False
 
 
 def _as_api_error(exc: Exception) -> ApiError:
@@ -184,27 +191,36 @@ class ModelWorker:
         except Exception as exc:  # never let one request take the worker down
             job.emit("error", _as_api_error(exc))
             return
-        if running is not None:
-            self.running.append(running)
+        self.running.append(running)
 
     def _step(self) -> None:
-        batch = self.running
-        try:
-            self._feed(batch)
-        except Exception as exc:
-            error = _as_api_error(exc)
-            for turn in batch:
-                self.store.release(turn.session, ok=False)
-                turn.job.emit("error", error)
-            self.running = []
-            return
-        self.running = [t for t in batch if t.token is not None]
+        """One chunk of the oldest prompt being read, then one batched decode step for the turns answering."""
+        reader = next((t for t in self.running if t.reading), None)
+        if reader is not None:
+            try:
+                self._read(reader)
+            except Exception as exc:  # _read gave the session back
+                reader.job.emit("error", _as_api_error(exc))
+                reader.reading, reader.token = False, None
+        batch = [t for t in self.running if not t.reading and t.token is not None]
+        if batch:
+            try:
+                self._feed(batch)
+            except Exception as exc:
+                error = _as_api_error(exc)
+                for turn in batch:
+                    self.store.release(turn.session, ok=False)
+                    turn.job.emit("error", error)
+                    turn.token = None
+        self.running = [t for t in self.running if t.reading or t.token is not None]
 
     def _run(self, job: Job) -> None:
         """One turn from start to end on the calling thread (tests; the server uses the loop)."""
         with torch.inference_mode(), patched_attention(self.lm.model):
             running = self._begin(job)
-            while running is not None and running.token is not None:
+            while running.reading:
+                self._read(running)
+            while running.token is not None:
                 self._feed([running])
 
     # -- one turn ------------------------------------------------------------------------------------------------
@@ -261,8 +277,8 @@ class ModelWorker:
         total = prompt_tokens + (turn.max_tokens or self.default_max_tokens)
         return self.store.policies.choose(prompt_tokens, total)[0]
 
-    def _begin(self, job: Job) -> Running | None:
-        """Tokenize, find or make the session, prefill what it lacks, sample the first token. None: already done."""
+    def _begin(self, job: Job) -> Running:
+        """Tokenize, find or make the session and get it ready to read the prompt tokens it lacks."""
         ids = job.ids if job.ids is not None else self.tokenize(job.turn)
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
@@ -280,6 +296,7 @@ class ModelWorker:
         config = GenerationConfig(max_new_tokens=turn.max_tokens or 1, temperature=turn.temperature, top_p=turn.top_p)
         generator = torch.Generator().manual_seed(turn.seed)
         running = Running(job, session, start, config, generator, TextDelta(self.lm.tokenizer, turn.stop))
+        running.pending, running.prompt, running.fresh = new, ids, lease.fresh
         try:
             job.emit("start", start)
             cache = session.cache
@@ -290,25 +307,44 @@ class ModelWorker:
                 reopen(cache, len(new), config.max_new_tokens, self.chunk_size)  # compress every turn, not once
                 if cache.policy.probes_question:  # the new turn picks the blocks it reads, as a question does
                     cache.probe(self.lm.model, torch.tensor([new]), cache.get_seq_length())
-            if new:
-                session.logits = prefill(self.lm.model, cache, torch.tensor([new]), self.chunk_size, session.logits)
-                session.tokens = np.concatenate([session.tokens, np.asarray(new, dtype=np.int64)])
-            if lease.fresh:
+        except Exception:
+            self.store.release(session, ok=False)
+            raise
+        return running
+
+    def _read(self, running: Running) -> None:
+        """Feed the next chunk of the prompt; after the last one, close the prompt and sample the first token.
+        A turn cancelled while reading is dropped, its session back to the state before the turn."""
+        session, cache = running.session, running.session.cache
+        assert cache is not None
+        if running.job.cancelled.is_set():
+            self.store.release(session, ok=False)
+            running.job.emit("error", ApiError(503, "the request was cancelled", kind="server_error"))
+            running.reading, running.token = False, None
+            return
+        try:
+            if running.pending:
+                chunk, running.pending = running.pending[: self.chunk_size], running.pending[self.chunk_size :]
+                session.logits = prefill(self.lm.model, cache, torch.tensor([chunk]), self.chunk_size, session.logits)
+                session.tokens = np.concatenate([session.tokens, np.asarray(chunk, dtype=np.int64)])
+                if running.pending:
+                    return
+            if running.fresh:
                 cache.end_context()  # the first prompt is the context a compressing policy compresses
                 if cache.policy.probes_question:  # its last tokens (the question) pick the blocks read next
-                    probe_question(self.lm.model, cache, torch.tensor([ids]), torch.zeros(1, 0, dtype=torch.long))
+                    prompt = torch.tensor([running.prompt])
+                    probe_question(self.lm.model, cache, prompt, torch.zeros(1, 0, dtype=torch.long))
             else:
                 close_turn(cache)
             session.prompt_len = len(session.tokens)
             assert session.logits is not None
+            running.reading = False
             self._pick(running, session.logits)
         except Exception:
             self.store.release(session, ok=False)
             raise
         if running.token is None:
             self._end(running)
-            return None
-        return running
 
     def _pick(self, turn: Running, logits: torch.Tensor) -> None:
         """Sample the next token from ``logits``; set ``turn.token`` to feed it, or leave it None when done."""
