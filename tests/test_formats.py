@@ -25,6 +25,7 @@ from tiermem.kvstore.quant_attention import int8_attention
 from tiermem.layer_info import describe_layers
 from tiermem.memory import REGISTRY, BudgetedPolicy, Policy, build
 from tiermem.memory.layer import attention, buffer_attention
+from tiermem.weights.fuse import fuse_projections
 from tiermem.weights.quant import (
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
@@ -237,13 +238,15 @@ def dequantized(model: nn.Module, mode: str) -> nn.Module:
 @pytest.mark.parametrize("name", list(REGISTRY))
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_every_policy_on_every_weight_format(name: str, mode: str) -> None:
-    """Weight-only int8 and int4 (group 32) under each policy equal the float model holding the dequantized
-    weights; int4 runs with int8 KV too (the smallest pair), within int8 KV's tolerance."""
+    """Weight-only int8 and int4 (group 32), projections fused as the loader fuses them, under each policy equal the
+    float model holding the dequantized weights; int4 runs with int8 KV too (the smallest pair), within int8 KV's
+    tolerance."""
     ids = torch.randint(0, VOCAB, (1, 50), generator=gen(1))
     reference_model = dequantized(tiny("llama"), mode)
     reference, _ = run(reference_model, covering(name, reference_model, 45, 50), ids, 45, "float32")
     model = tiny("llama")
     quantize_weights(model, mode)
+    assert fuse_projections(model, torch.float32) > 0  # as the loader does: the fused paths run under every policy
     kv = "int8" if mode == "int4" else "float32"
     got, _ = run(model, covering(name, model, 45, 50), ids, 45, kv)
     check_close(got, reference, KV_TOLERANCE[kv] if kv == "int8" else 1e-4)
