@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from _decode_workers import read_bandwidth_gb_s
+
 
 def worker_profile(row: dict[str, Any], steps: int, threads: int) -> dict[str, Any]:
     """Where one tiermem ``full`` decode step goes at this prompt length.
@@ -110,8 +112,7 @@ def worker_profile(row: dict[str, Any], steps: int, threads: int) -> dict[str, A
     attention_bf16 = attention_ms(kvs_bf16, torch.bfloat16)
     grouped_fp32 = time_ms(grouped_matmul, reps=10)
 
-    big = torch.ones(2**27)  # 512 MiB of fp32 (written, so not the shared zero page): streaming read bandwidth
-    bandwidth = big.numel() * 4 / (time_ms(lambda: big.sum(), reps=10) / 1e3) / 1e9
+    bandwidth = read_bandwidth_gb_s(threads)  # the roofline column's measurement, so the two reports agree
 
     events = prof.key_averages()
     total_self_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
@@ -162,7 +163,7 @@ def profile_report(p: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v:.1f} ms" for k, v in p["isolated_sdpa_over_kv_ms"].items()),
         f"- bytes per step: fp32 weights {p['weights_bytes_fp32'] / 2**20:.0f} MiB, "
         f"fp32 KV {p['kv_bytes_fp32'] / 2**20:.0f} MiB; "
-        f"streaming read bandwidth (torch sum of 512 MiB, {p.get('threads', '')} threads): "
+        f"streaming read bandwidth (torch sum of 512 MiB, best of 6, {p.get('threads', '')} threads): "
         f"{p['read_bandwidth_gb_s']:.1f} GB/s",
         "- profiler, self CPU ms per step: "
         + ", ".join(f"{k}: {v:.1f}" for k, v in sorted(p["profiler_ops_ms_per_step"].items(), key=lambda kv: -kv[1])),
