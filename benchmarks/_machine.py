@@ -6,11 +6,25 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+START_LOAD = os.getloadavg()[0]  # the 1-minute load average when the run began: > ~1 means shared cores
+
+
+def machine_note() -> str:
+    """How busy the machine was: the load average at the start and now (speed figures need both near 0)."""
+    return f"load average {START_LOAD:.1f} at the start, {os.getloadavg()[0]:.1f} at this row"
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback, for a server a benchmark starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _status_kib(key: str) -> int:

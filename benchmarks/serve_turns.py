@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _machine import free_port, machine_note
 
 from tiermem.cache import TierCache
 from tiermem.cli import make_policy
@@ -57,12 +57,6 @@ SMALL: dict[str, dict[str, Any]] = {
     "emllm-small": {"n_init": 16, "n_local": 64, "exc_block_size": 32, "min_block_size": 8, "max_block_size": 16},
     "sentencekv": {"token_budget": 96, "start_budget": 8, "recent_budget": 16, "window_size": 16},
 }
-START_LOAD = os.getloadavg()[0]  # the 1-minute load average when the run began: > ~1 means shared cores
-
-
-def machine_note() -> str:
-    """How busy the machine was: the load average at the start and now (speed figures need both near 0)."""
-    return f"load average {START_LOAD:.1f} at the start, {os.getloadavg()[0]:.1f} at this row"
 
 
 def emit(out: Path, part: str, row: dict[str, Any]) -> None:
@@ -130,14 +124,8 @@ def prose_ids(lm: LoadedModel, tokens: int, seed: int) -> list[int]:
 
 
 # -- (a) turn latency over a growing chat, through the HTTP server -----------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _serve(args: argparse.Namespace, memory: str, folder: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "tiermem.cli", "serve", "--model", args.model, "--policy", args.policy]
     command += ["--sessions-dir", str(folder), "--port", str(port), "--session-memory", memory]
     command += ["--kv-budget", str(args.kv_budget)] if args.kv_budget else []

@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serve_turns import _free_port, machine_note
+from _machine import free_port, machine_note
 
 from tiermem.errors import TiermemError
 from tiermem.models import _smollm2_gguf, resolve_source
@@ -219,7 +219,7 @@ def summarize(system: str, records: list[dict[str, Any]], wall: float, args: arg
 def run_system(system: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         log = out / f"{system}.log"
-        process, url = start(server_command(system, args, _free_port(), folder), log, args)
+        process, url = start(server_command(system, args, free_port(), folder), log, args)
         try:
             records, transcripts, wall = asyncio.run(drive(url, args))
         finally:
