@@ -351,6 +351,7 @@ def test_loadtest_reports_reuse(served: Served) -> None:
         (["--policy", "snapkv"], "needs --kv-budget"),
         (["--policy", "nope"], "unknown policy"),
         (["--max-batch", "0"], "--max-batch"),
+        (["--decode-per-chunk", "0"], "--decode-per-chunk"),
     ],
 )
 def test_serve_cli_errors_are_one_line(

@@ -17,7 +17,7 @@ from tiermem.models import LoadedModel, load
 from tiermem.serve.turns import Job, Turn
 from tiermem.serve.worker import ModelWorker
 
-CHUNK, LONG, NEW = 16, 160, 24
+CHUNK, LONG, NEW = 16, 160, 40
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,9 @@ def _job(loop: asyncio.AbstractEventLoop, owner: str, prompt: list[int], new: in
     return Job(Turn(owner, new, 0.0, 1.0, 0, ignore_eos=True, prompt=prompt), loop)
 
 
-def _worker(lm: LoadedModel, folder: Path) -> ModelWorker:
+def _worker(lm: LoadedModel, folder: Path, decode_per_chunk: int = 1) -> ModelWorker:
     worker = make_worker(lm, registry.build("full"), folder)
-    worker.chunk_size = CHUNK
+    worker.chunk_size, worker.decode_per_chunk = CHUNK, decode_per_chunk
     return worker
 
 
@@ -47,7 +47,8 @@ def _drain(worker: ModelWorker) -> None:
         worker._step()
 
 
-def test_answers_go_on_while_a_long_prompt_is_read(lm: LoadedModel, tmp_path: Path) -> None:
+@pytest.mark.parametrize("per_chunk", [1, 3])
+def test_answers_go_on_while_a_long_prompt_is_read(lm: LoadedModel, tmp_path: Path, per_chunk: int) -> None:
     loop = asyncio.new_event_loop()
     with _as_the_loop(lm):
         long_prompt = [5 + (7 * i) % 200 for i in range(LONG)]
@@ -57,7 +58,7 @@ def test_answers_go_on_while_a_long_prompt_is_read(lm: LoadedModel, tmp_path: Pa
         _drain(alone)
         expected = job_events(loop, solo)
 
-        worker = _worker(lm, tmp_path / "together")
+        worker = _worker(lm, tmp_path / "together", per_chunk)
         short = _job(loop, "a", [11, 12, 13, 14], NEW)
         worker._admit(short)
         worker._step()  # reads the short prompt and feeds its first token
@@ -70,7 +71,7 @@ def test_answers_go_on_while_a_long_prompt_is_read(lm: LoadedModel, tmp_path: Pa
             worker._step()
             reading_steps += 1
             grown.append(len(answering.ids) - before)
-        assert reading_steps == LONG // CHUNK  # one chunk per step
+        assert reading_steps == LONG // CHUNK * per_chunk  # a chunk every `per_chunk` steps
         assert grown == [1] * reading_steps  # the running answer got a token at every one of them
         _drain(worker)
         together = job_events(loop, long)

@@ -45,6 +45,12 @@ def add_serve_parser(sub: Any) -> None:
     serve.add_argument("--max-batch", type=int, default=8, help="turns decoded together in one forward")
     serve.add_argument("--max-tokens", type=parse_tokens, default=256, help="default max_tokens of a request")
     serve.add_argument("--chunk-size", type=parse_tokens, default=512, help="prefill chunk size in tokens")
+    serve.add_argument(
+        "--decode-per-chunk",
+        type=int,
+        default=4,
+        help="while turns are answering, decode steps per prompt chunk read (1: a chunk every step)",
+    )
     from tiermem.serve.ray_serve import add_ray_args
 
     add_ray_args(serve)
@@ -69,8 +75,8 @@ def build(args: argparse.Namespace, session_store: Any = None, response_store: A
     from tiermem.serve.worker import ModelWorker
     from tiermem.weights.shards import source_fingerprint
 
-    if args.max_queue < 1 or args.max_batch < 1:
-        raise TiermemError("--max-queue and --max-batch must be at least 1")
+    if args.max_queue < 1 or args.max_batch < 1 or args.decode_per_chunk < 1:
+        raise TiermemError("--max-queue, --max-batch and --decode-per-chunk must be at least 1")
     if not 0 < args.port < 65536:
         raise TiermemError(f"--port must be in 1..65535, got {args.port}")
     policy = make_policy(args.policy, args.kv_budget, args.compression_ratio, args.policy_opt)
@@ -94,7 +100,7 @@ def build(args: argparse.Namespace, session_store: Any = None, response_store: A
     metrics = Metrics()
     worker = ModelWorker(
         lm, store, metrics, args.max_queue, args.chunk_size, args.max_tokens, args.max_batch,
-        session_memory=args.session_memory == "on",
+        session_memory=args.session_memory == "on", decode_per_chunk=args.decode_per_chunk,
     )  # fmt: skip
     name = args.served_model_name or args.model
     options = ServeOptions(model_id=name, api_keys=tuple(args.api_key))

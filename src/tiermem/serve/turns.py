@@ -1,4 +1,5 @@
-"""A request as the model worker sees it: the turn, the job that carries its events, and its text in pieces."""
+"""A request as the model worker sees it: the turn, the job that carries its events, its text in pieces, and its
+state between decode steps."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+
+from tiermem.engine import GenerationConfig
+from tiermem.serve.sessions import Session
 
 
 @dataclass
@@ -62,3 +68,24 @@ class TextDelta:
         piece = text[self.emitted :]
         self.emitted = len(text)
         return piece
+
+
+@dataclass
+class Running:
+    """A turn between decode steps. While ``reading``, ``pending`` holds the prompt tokens not fed yet; then
+    ``token`` is sampled and waits to be fed; the session holds everything before."""
+
+    job: Job
+    session: Session
+    start: dict[str, Any]
+    config: GenerationConfig
+    generator: torch.Generator
+    delta: TextDelta
+    ids: list[int] = field(default_factory=list)
+    token: int | None = None
+    finish: str = "length"
+    text: str = ""
+    reading: bool = True
+    pending: list[int] = field(default_factory=list)
+    prompt: list[int] = field(default_factory=list)  # the whole prompt: a fresh session probes its tail
+    fresh: bool = False

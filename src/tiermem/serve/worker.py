@@ -5,9 +5,12 @@ this thread. Async endpoints submit a :class:`~tiermem.serve.turns.Job` and awai
 ``done`` or ``error``), which the thread hands to the event loop with ``call_soon_threadsafe``.
 
 Continuous batching: up to ``max_batch`` turns run at once. A new turn is admitted between decode steps and its
-prompt is read one chunk (``chunk_size`` tokens) per step, oldest turn first, while every turn that is answering gets
-its next token from one batched forward (:func:`tiermem.serve.batch.decode_step`): vLLM's chunked prefill, so
-running answers keep streaming while a long prompt is read (reading it whole first stalled them, BENCHMARKS.md).
+prompt is read one chunk (``chunk_size`` tokens) at a time, oldest turn first, while every turn that is answering
+gets its next token from one batched forward per step (:func:`tiermem.serve.batch.decode_step`): vLLM's chunked
+prefill, so running answers keep streaming while a long prompt is read (reading it whole first stalled them,
+BENCHMARKS.md). While turns are answering, a chunk is read every ``decode_per_chunk`` steps (on CPU a 512-token chunk
+costs many decode steps; with new turns arriving all the time, a chunk at every step would set the time per output
+token); with none answering, at every step. Chunks keep their boundaries, so an answer does not depend on the load.
 Under ``--kv-memory`` a turn is admitted only while its KV (its prompt and
 answer under its policy) fits beside the running turns' KV, so running sessions never hold more than the limit
 together; the next turn waits, in order, until one ends (a turn alone always runs, however large).
@@ -24,8 +27,6 @@ import queue
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -40,8 +41,8 @@ from tiermem.serve.batch import decode_step
 from tiermem.serve.metrics import Metrics
 from tiermem.serve.policies import close_turn, reopen
 from tiermem.serve.schemas import ApiError
-from tiermem.serve.sessions import Session, SessionStore, SessionUnavailable
-from tiermem.serve.turns import Job, TextDelta, Turn
+from tiermem.serve.sessions import SessionStore, SessionUnavailable
+from tiermem.serve.turns import Job, Running, TextDelta, Turn
 
 log = logging.getLogger("tiermem.serve")
 
@@ -52,27 +53,6 @@ class Overloaded(Exception):
 
 class ShuttingDown(Exception):
     """The worker takes no new turns."""
-
-
-@dataclass
-class Running:
-    """A turn between decode steps. While ``reading``, ``pending`` holds the prompt tokens not fed yet; then
-    ``token`` is sampled and waits to be fed; the session holds everything before."""
-
-    job: Job
-    session: Session
-    start: dict[str, Any]
-    config: GenerationConfig
-    generator: torch.Generator
-    delta: TextDelta
-    ids: list[int] = field(default_factory=list)
-    token: int | None = None
-    finish: str = "length"
-    text: str = ""
-    reading: bool = True
-    pending: list[int] = field(default_factory=list)
-    prompt: list[int] = field(default_factory=list)  # the whole prompt: a fresh session probes its tail
-    fresh: bool = False
 
 
 def _as_api_error(exc: Exception) -> ApiError:
@@ -95,6 +75,7 @@ class ModelWorker:
         default_max_tokens: int = 256,
         max_batch: int = 8,
         session_memory: bool = True,
+        decode_per_chunk: int = 4,
     ):
         self.lm = lm
         self.policy = store.policies.policy  # the server's (``auto``: each session's is chosen at its first turn)
@@ -104,6 +85,8 @@ class ModelWorker:
         self.default_max_tokens = default_max_tokens
         self.max_batch = max_batch
         self.session_memory = session_memory  # False: every turn prefills its whole prompt, and is then forgotten
+        self.decode_per_chunk = decode_per_chunk
+        self._since_chunk = 0  # decode steps since a prompt chunk was last read
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.stops = stop_token_ids(lm)
         self.vocab = int(lm.model.get_input_embeddings().weight.shape[0])
@@ -194,9 +177,15 @@ class ModelWorker:
         self.running.append(running)
 
     def _step(self) -> None:
-        """One chunk of the oldest prompt being read, then one batched decode step for the turns answering."""
+        """A chunk of the oldest prompt being read (every ``decode_per_chunk`` steps while turns are answering), then
+        one batched decode step for the turns answering."""
         reader = next((t for t in self.running if t.reading), None)
+        answering = any(not t.reading and t.token is not None for t in self.running)
+        if reader is not None and answering and self._since_chunk < self.decode_per_chunk - 1:
+            self._since_chunk += 1
+            reader = None
         if reader is not None:
+            self._since_chunk = 0
             try:
                 self._read(reader)
             except Exception as exc:  # _read gave the session back
