@@ -15,6 +15,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import tiermem.models as models
+import tiermem.weights.resident as resident
 from tiermem.formats import GGUF_TYPES_FILE, weight_modes
 from tiermem.weights.quant import quantize_weights
 
@@ -59,7 +60,7 @@ def test_every_tensor_equals_from_pretrained(
 ) -> None:
     if tied:
         _tie(folder)
-    monkeypatch.setattr(models, "HEAD_ROWS", 128)  # the head (300 rows) in three blocks, the last one short
+    monkeypatch.setattr(resident, "HEAD_ROWS", 128)  # the head (300 rows) in three blocks, the last one short
     lm = models.load(str(folder), dtype, weights_quant=quant)
     reference, label = _reference(folder, models.DTYPES[dtype], quant)
     ours, theirs = _tensors(lm.model), _tensors(reference)
@@ -93,13 +94,13 @@ def test_checkpoint_is_read_not_mapped(folder: Path, monkeypatch: pytest.MonkeyP
     """A mapped checkpoint's pages count in RSS while the map lives: no read may happen with the file mapped."""
     weights = folder / "model.safetensors"
     seen: list[bool] = []
-    read = models.read_tensor_into
+    read = resident.read_tensor_into
 
     def spy(*args: Any) -> None:
         seen.append(_mapped(weights))
         read(*args)
 
-    monkeypatch.setattr(models, "read_tensor_into", spy)
+    monkeypatch.setattr(resident, "read_tensor_into", spy)
     models.load(str(folder), "bfloat16", weights_quant="auto")
     assert seen and not any(seen)
     assert not _mapped(weights)
@@ -108,7 +109,7 @@ def test_checkpoint_is_read_not_mapped(folder: Path, monkeypatch: pytest.MonkeyP
 def test_layers_are_quantized_as_they_are_read(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """When a layer's weights are read, every earlier layer is already quantized (one layer of floats at a time)."""
     floats_at_read: dict[int, int] = {}
-    read, build = models.read_tensor_into, models.AutoModelForCausalLM.from_config
+    read, build = resident.read_tensor_into, resident.AutoModelForCausalLM.from_config
     built: list[nn.Module] = []
 
     def from_config(*args: Any, **kwargs: Any) -> Any:
@@ -122,8 +123,8 @@ def test_layers_are_quantized_as_they_are_read(folder: Path, monkeypatch: pytest
             floats_at_read[layer] = len(earlier)
         read(handle, shard, entry, out)
 
-    monkeypatch.setattr(models.AutoModelForCausalLM, "from_config", from_config)
-    monkeypatch.setattr(models, "read_tensor_into", spy)
+    monkeypatch.setattr(resident.AutoModelForCausalLM, "from_config", from_config)
+    monkeypatch.setattr(resident, "read_tensor_into", spy)
     models.load(str(folder), "bfloat16", weights_quant="int8")
     assert floats_at_read == {0: 0, 1: 0}
 
@@ -132,7 +133,7 @@ def test_checkpoint_with_other_names_falls_back_to_transformers(folder: Path) ->
     tensors = load_file(str(folder / "model.safetensors"))
     tensors["model.extra.weight"] = torch.zeros(3)  # a tensor the model has no place for
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    assert models._load_resident(folder, torch.bfloat16, "none", 32) is None
+    assert resident.load_resident(folder, torch.bfloat16, "none", 32) is None
     lm = models.load(str(folder), "float32")  # transformers loads it (and drops the extra tensor)
     reference, _ = _reference(folder, torch.float32, "none")
     assert torch.equal(lm.model.model.layers[1].mlp.up_proj.weight, reference.model.layers[1].mlp.up_proj.weight)
@@ -145,6 +146,6 @@ def test_release_free_memory_returns_the_heap() -> None:
 def test_a_checkpoint_used_as_stored_is_left_to_the_zero_copy_map(folder: Path) -> None:
     """float32 stored, float32 used, nothing quantized: from_pretrained's parameters view the mapped file (no
     copy at all), which plain reads could only match; a conversion or a quantization is read layer by layer."""
-    assert models._load_resident(folder, torch.float32, "none", 32) is None
-    assert models._load_resident(folder, torch.bfloat16, "none", 32) is not None
-    assert models._load_resident(folder, torch.float32, "int8", 32) is not None
+    assert resident.load_resident(folder, torch.float32, "none", 32) is None
+    assert resident.load_resident(folder, torch.bfloat16, "none", 32) is not None
+    assert resident.load_resident(folder, torch.float32, "int8", 32) is not None
