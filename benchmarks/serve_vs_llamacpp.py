@@ -82,7 +82,7 @@ def server_command(system: str, args: argparse.Namespace, port: int, folder: str
         command += ["--cache", "true", "--cache_size", str(args.llamacpp_cache), "--logits_all", "false"]
         return [*command, "--interrupt_requests", "false", "--host", "127.0.0.1", "--port", str(port)]
     command = [sys.executable, "-m", "tiermem.cli", "serve", "--model", "smollm2", "--port", str(port)]
-    command += ["--sessions-dir", folder, "--formats", args.formats]
+    command += ["--sessions-dir", folder, "--formats", args.formats, *args.tiermem_flags.split()]
     if system == "tiermem-compressed":
         command += args.compressed.split()
     if system == "tiermem-off":
@@ -202,7 +202,9 @@ def summarize(system: str, records: list[dict[str, Any]], wall: float, args: arg
     prompt_total = sum(r["template_tokens"] for r in records)
     cached = sum(r["cached_tokens"] or 0 for r in records)
     return {
-        "system": system, "label": LABELS[system].format(compressed=args.compressed, formats=args.formats),
+        "system": system,
+        "label": LABELS[system].format(compressed=args.compressed, formats=args.formats)
+        + (f" {args.tiermem_flags}" if args.tiermem_flags and system != "llamacpp" else ""),
         "chats": args.chats, "turns": args.turns, "prose": args.prose, "max_tokens": args.max_tokens,
         "wall_s": round(wall, 1), "completion_tokens": completion,
         "throughput_tok_s": round(completion / wall, 2), "decode_tok_s": round(decode_tokens / max(busy, 1e-9), 2),
@@ -270,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compressed", default="--policy streaming --kv-budget 1024", help="tiermem-compressed flags")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--formats", default="fast", help="tiermem's --formats (fast: bf16, int4 weights, int8 KV)")
+    parser.add_argument("--tiermem-flags", default="", help="extra flags for each tiermem server")
     parser.add_argument("--llamacpp-cache", type=int, default=2 << 30, help="llama.cpp's prompt cache bytes")
     parser.add_argument("--omp-wait-policy", default="PASSIVE", help="both servers' OMP_WAIT_POLICY ('': unset)")
     parser.add_argument("--seed", type=int, default=0)
