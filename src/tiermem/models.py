@@ -28,6 +28,7 @@ from transformers import (
 
 from tiermem.errors import TiermemError
 from tiermem.formats import save_gguf_types, source_types, weight_modes
+from tiermem.norms import fuse_norms
 from tiermem.weights.flash import FlashConfig, FlashWeights
 from tiermem.weights.fuse import fuse_projections
 from tiermem.weights.quant import (
@@ -280,6 +281,7 @@ def load(
         weights_format = report.label
         if placement is None:  # resident weights only: a streamed layer's tensors are replaced as it is read
             fuse_projections(model, model.dtype)
+    fuse_norms(model)  # bf16 only: one call per RMSNorm (tiermem.norms)
     release_free_memory()
     return LoadedModel(
         name=name, model=model, tokenizer=tokenizer, source=source, placement=placement, weights_format=weights_format
