@@ -1,7 +1,6 @@
 r"""Side-by-side benchmark: NVIDIA kvpress presses vs tiermem's KV policies on the same prompts, one model.
 
-Run from the repository root (the full run takes a long while on 2 CPU cores; it is resumable, rows already in
-results.jsonl are not measured again)::
+Run from the repository root (a long run on 2 CPU cores; resumable: rows in results.jsonl are not measured again)::
 
     nohup .venv/bin/python benchmarks/kvpress_compare.py > bench-out/kvpress/run.log 2>&1 &
 
@@ -42,9 +41,9 @@ original positions, tiermem's re-rotates)::
     .venv/bin/python benchmarks/kvpress_compare.py --systems tiermem,kvpress-tmids \
         --tiermem-policies "snapkv:window_size=64,streaming:rerotate=false" --tmids-policies none,snapkv,streaming
 
-Other entry points: ``--report`` only prints the tables from results.jsonl; ``--worker kvpress|tiermem`` is what the
-orchestrator starts in each virtualenv; ``--limit N`` keeps the first N samples per task and length; the environment
-variable ``KVPRESS_COMPARE_OUT`` moves the output folder (it must hold prompts.jsonl or they are exported there).
+Other entry points: ``--report`` prints the tables from results.jsonl; ``--worker kvpress|tiermem`` is what the
+orchestrator starts in each virtualenv; ``--limit N`` keeps N samples per task and length; ``KVPRESS_COMPARE_OUT``
+(environment) moves the output folder (prompts.jsonl is exported there unless present).
 """
 
 from __future__ import annotations
