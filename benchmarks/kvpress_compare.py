@@ -30,10 +30,9 @@ Measurement definitions (identical for both systems):
   from the prefill's logits). Greedy decoding, at most ``--max-new-tokens`` (16) tokens, stop at EOS.
 - ``correct``: every reference string appears in the output, case-insensitively (RULER's string_match_all).
 
-The kvpress side replicates ``KVPressTextGenerationPipeline`` step by step (its ``preprocess``, then
-``model.model(context)`` under ``with press(model)``, then its greedy ``generate_answer`` loop with positions
-starting at the context length) so that the prefill and the decode can be timed apart. On the first sample of each
-kvpress run the real ``pipe(...)`` is also called and its answer compared (``pipeline_match`` in the row).
+The kvpress side replicates ``KVPressTextGenerationPipeline`` step by step (``preprocess``, ``model.model(context)``
+under ``with press(model)``, its greedy ``generate_answer`` loop from the context length) to time prefill and decode
+apart; each kvpress run's first sample also calls the real ``pipe(...)`` and compares (``pipeline_match``).
 
 Matched-configuration diagnostic (kvpress's SnapKV window is 64, tiermem's default 32; kvpress's StreamingLLM keeps
 original positions, tiermem's re-rotates)::
