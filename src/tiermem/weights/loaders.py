@@ -13,7 +13,7 @@ Both hand out zero-copy tensor views and hold at most ``k`` layers, so the prefe
   kernel treats file pages, but each load moves the layer's bytes twice more through the memory bus (read from the
   page cache, write to the slot), which the GEMVs then share: measured 1.27x slower than ``mmap`` end to end.
 
-:func:`read_tensor_into` is the resident model's loader (:mod:`tiermem.models`): plain reads into the model's own
+:func:`read_tensor_into` is the resident model's loader (:mod:`tiermem.weights.resident`): plain reads into the model's own
 tensors, converting through a small buffer, so loading never maps the checkpoint (a mapped float32 file's pages
 count in the process's RSS until it is unmapped: 513 MiB for SmolLM2-135M).
 
