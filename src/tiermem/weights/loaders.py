@@ -13,9 +13,9 @@ Both hand out zero-copy tensor views and hold at most ``k`` layers, so the prefe
   kernel treats file pages, but each load moves the layer's bytes twice more through the memory bus (read from the
   page cache, write to the slot), which the GEMVs then share: measured 1.27x slower than ``mmap`` end to end.
 
-:func:`read_tensor_into` is the resident model's loader (:mod:`tiermem.weights.resident`): plain reads into the model's own
-tensors, converting through a small buffer, so loading never maps the checkpoint (a mapped float32 file's pages
-count in the process's RSS until it is unmapped: 513 MiB for SmolLM2-135M).
+:func:`read_tensor_into` is the resident model's loader (:mod:`tiermem.weights.resident`): plain reads into the
+model's own tensors, converting through a small buffer, so loading never maps the checkpoint (a mapped float32
+file's pages count in the process's RSS until it is unmapped: 513 MiB for SmolLM2-135M).
 
 ``drop_page_cache`` also evicts the file from the kernel's page cache after use (``POSIX_FADV_DONTNEED``), so the
 next load is a real disk read; without it a model smaller than free RAM is read from disk once.
