@@ -40,13 +40,15 @@ def _agrees(module: Any, width: tuple[int], dtype: torch.dtype) -> bool:
 
 def fuse_norms(model: nn.Module) -> int:
     """Give every plain RMSNorm of a bfloat16 ``model`` the one-call forward; returns how many. Nothing for other
-    dtypes or norm kinds, or when a norm's probe disagrees."""
+    dtypes or norm kinds, weights not loaded yet (streamed layers), or when a norm's probe disagrees."""
     count = 0
     for module in model.modules():
         if type(module).__name__ not in PLAIN_RMSNORMS or "forward" in vars(module):
             continue
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dtype != torch.bfloat16 or weight.dim() != 1:
+            continue
+        if weight.is_meta:  # a streamed layer's norm: its weight arrives with the layer, so it cannot be probed
             continue
         width = (int(weight.shape[0]),)
         if not _agrees(module, width, torch.bfloat16):
