@@ -54,6 +54,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--zo-queries", type=int, default=1, help="n-SPSA directions per ZO step (MeZO: 1)")
     parser.add_argument("--schedule", choices=["constant", "linear"], default="constant")
     parser.add_argument("--eval-every", type=int, default=0, help="dev evaluation every N steps (0: end only)")
     parser.add_argument("--keep-best", action="store_true", help="end on the best dev evaluation's tensors")
@@ -72,8 +73,10 @@ def parse() -> argparse.Namespace:
 def run_id(r: dict[str, Any]) -> str:
     lora = "-lora" if r["lora"] and not r["method"].endswith("lora") else ""
     best = "-best" if r.get("keep_best") else ""
+    queries = f"-q{r['zo_queries']}" if r.get("zo_queries", 1) != 1 else ""  # n = 1 ids stay as before n-SPSA
     return (
-        f"{r.get('tag') or 'run'}-{r['method']}{lora}-lr{r['lr']:g}-eps{r['eps']}-{r['steps']}x{r['batch_size']}"
+        f"{r.get('tag') or 'run'}-{r['method']}{lora}-lr{r['lr']:g}-eps{r['eps']}{queries}"
+        f"-{r['steps']}x{r['batch_size']}"
         f"-{r.get('schedule', 'constant')}{best}-s{r['seed']}"
     )
 
@@ -127,6 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         seed=args.seed,
         save_model=False,
+        zo_queries=args.zo_queries,
     )
     config.validate()
     task = load_task(config.task)
@@ -153,6 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "lr": base_lr,
         "eps": config.settings()["eps"],
         "schedule": args.schedule,
+        "zo_queries": config.zo_queries,
         "steps": config.steps,
         "batch_size": config.batch_size,
         "seed": config.seed,
@@ -218,9 +223,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def table(path: Path) -> str:
     """One row per run in ``path``: settings, dev (kept or last), test, CPU s/step, peak RSS."""
     lines = [
-        "| tag | method | lr / eps | schedule | steps x batch | kept step | dev acc. / loss | test acc. | test loss "
-        "| CPU s/step | peak RSS (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tag | method | lr / eps | n | schedule | steps x batch | kept step | dev acc. / loss | test acc. "
+        "| test loss | CPU s/step | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for line in path.read_text().splitlines():
         r = json.loads(line)
@@ -232,7 +237,8 @@ def table(path: Path) -> str:
         eps = f"{r['eps']:g}" if r.get("eps") is not None else "-"
         scored = f"| {test['accuracy']:.2f} | {test['loss']:.3f} " if test else "| - | - "
         lines.append(
-            f"| {r.get('tag', '')} | {method} | {r['lr']:g} / {eps} | {r.get('schedule', 'constant')} "
+            f"| {r.get('tag', '')} | {method} | {r['lr']:g} / {eps} | {r.get('zo_queries', 1)} "
+            f"| {r.get('schedule', 'constant')} "
             f"| {r['steps']} x {r['batch_size']} | {kept} | {dev} {scored}"
             f"| {r['cpu_seconds_per_step']:.2f} | {r['peak_rss_bytes'] / 2**20:.0f} |"
         )

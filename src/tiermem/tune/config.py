@@ -11,7 +11,7 @@ Methods (``--method``):
 
 Model selection (:mod:`tiermem.tune.select`): ``eval_every`` evaluates a dev split every N steps, ``keep_best`` ends
 on the best of those evaluations (MeZO's ``--load_best_model_at_end``), ``lr_schedule`` is ``constant`` (MeZO's) or
-``linear`` decay.
+``linear`` decay. ``zo_queries`` = n > 1 is MeZO's n-SPSA (n directions averaged per step, :mod:`tiermem.tune.zo`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from tiermem.tune.zo import ZO_DEFAULTS, ZO_METHODS, ZOHyper
 BACKPROP_LR = {"adamw": 1e-5, "lora": 1e-4}
 METHODS = (*ZO_METHODS, "zo-lora", "adamw", "lora")
 WEIGHTS = ("resident", "stream")
+# Settings that :meth:`TuneConfig.settings` records only when not at these defaults (older checkpoints lack them).
+OPTIONAL_SETTINGS: dict[str, object] = {"lr_schedule": "constant", "zo_queries": 1}
 
 
 @dataclass
@@ -54,6 +56,7 @@ class TuneConfig:
     eval_every: int = 0  # steps between dev evaluations (0: none); they count toward the training peak RSS
     keep_best: bool = False  # end on the best dev evaluation's weights (needs eval_every)
     lr_schedule: str = "constant"  # or "linear" (decay to 0 at the last step)
+    zo_queries: int = 1  # n-SPSA (MeZO's Definition 1): directions averaged per ZO step; MeZO's default is 1
 
     @property
     def zo(self) -> bool:
@@ -100,6 +103,7 @@ class TuneConfig:
             "weight_decay": self.weight_decay,
             # only when set, so that checkpoints written before the option resume unchanged
             **({"lr_schedule": self.lr_schedule} if self.lr_schedule != "constant" else {}),
+            **({"zo_queries": self.zo_queries} if self.zo_queries != 1 else {}),
         }
 
     def validate(self) -> None:
@@ -128,9 +132,22 @@ class TuneConfig:
             )
         if self.gradient_checkpointing and self.zo:
             raise TiermemError("--gradient-checkpointing applies to backprop methods (adamw, lora)")
+        self._validate_queries()
         if self.resume and self.out is None:
             raise TiermemError("--resume needs --out DIR (the folder of the run to continue)")
         self._validate_selection()
+
+    def _validate_queries(self) -> None:
+        if self.zo_queries < 1:
+            raise TiermemError(f"--zo-queries must be at least 1, got {self.zo_queries}")
+        if self.zo_queries == 1:
+            return
+        if not self.zo:
+            raise TiermemError(f"--zo-queries applies to zeroth-order methods, not {self.method}")
+        if self.zo_rule == "zo-sgd-sign":
+            raise TiermemError("--zo-queries above 1 needs zo-sgd, zo-sgd-mmt or zo-adam (sign takes one g per step)")
+        if self.weights == "stream":
+            raise TiermemError("--zo-queries above 1 works with --weights resident (the streamed step takes one)")
 
     def _validate_selection(self) -> None:
         if self.eval_every < 0:

@@ -47,6 +47,14 @@ def step_seed(run_seed: int, step: int) -> int:
     return _mix(run_seed, step, 0x5EED)
 
 
+def query_seed(seed: int, query: int) -> int:
+    """The seed of direction ``query`` (0-based) of an n-SPSA step whose step seed is ``seed``.
+
+    Direction 0 is the step seed itself, so ``n = 1`` draws exactly the directions it drew before n-SPSA existed.
+    """
+    return seed if query == 0 else _mix(seed, query, 0x0E5A)
+
+
 def chunk_noise(seed: int, name: str, chunk: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
     """z for elements ``[chunk·CHUNK, chunk·CHUNK + numel)`` of tensor ``name``: shape ``(numel,)``, N(0, 1).
 

@@ -66,8 +66,21 @@ class ResidentRunner:
         if self.zo is not None:
             seed = step_seed(self.config.seed, step)
             with torch.inference_mode():
-                plus, minus, g = self.zo.step(self.named, seed, lambda: self.forward_only(batch))
-            return {"loss": (plus + minus) / 2, "loss_plus": plus, "loss_minus": minus, "projected_grad": g}
+                probes = self.zo.step_queries(
+                    self.named, seed, lambda: self.forward_only(batch), self.config.zo_queries
+                )
+            if len(probes) == 1:
+                plus, minus, g = probes[0]
+                return {"loss": (plus + minus) / 2, "loss_plus": plus, "loss_minus": minus, "projected_grad": g}
+            # n-SPSA: the loss is the mean of the 2n probes; projected_grad is direction 0's (as with n = 1)
+            losses = [value for plus, minus, _ in probes for value in (plus, minus)]
+            return {
+                "loss": sum(losses) / len(losses),
+                "loss_plus": probes[0][0],
+                "loss_minus": probes[0][1],
+                "projected_grad": probes[0][2],
+                "projected_grads": [g for _, _, g in probes],
+            }
         assert self.optimizer is not None
         self.model.train()
         loss = self.objective.loss(self.model, batch)

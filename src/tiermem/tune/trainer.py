@@ -26,7 +26,7 @@ import torch
 from tiermem.errors import TiermemError
 from tiermem.stats import peak_rss_bytes, reset_peak_rss
 from tiermem.tune import checkpoint
-from tiermem.tune.config import TuneConfig
+from tiermem.tune.config import OPTIONAL_SETTINGS, TuneConfig
 from tiermem.tune.objective import Batch, Objective, batch_indices
 from tiermem.tune.select import KeepBest, dev_examples, scheduled_lr, set_lr
 from tiermem.tune.tasks import load_task
@@ -75,6 +75,7 @@ class TuneResult:
     out: str | None = None
     dev: list[dict[str, float]] = field(default_factory=list)  # {"step", metric, "loss"} per dev evaluation
     selected_step: int | None = None  # keep_best: the step whose weights were kept
+    zo_queries: int = 1  # n-SPSA directions per ZO step
 
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)
@@ -93,8 +94,10 @@ def _open_run(config: TuneConfig) -> tuple[int, dict[str, Any] | None]:
             raise TiermemError(f"{config.out} already holds a run's checkpoint: pass --resume or another --out")
         return 0, None
     meta = checkpoint.read_meta(config.out)
-    settings = config.settings()
-    differing = [k for k, v in settings.items() if meta.get("settings", {}).get(k) != v]
+    # Absent optional settings mean their defaults, on both sides: a run resumed with another n is refused.
+    settings = {**OPTIONAL_SETTINGS, **config.settings()}
+    saved = {**OPTIONAL_SETTINGS, **meta.get("settings", {})}
+    differing = [k for k, v in settings.items() if saved.get(k) != v]
     if differing:
         raise TiermemError(f"--resume with other settings than the checkpoint's: {', '.join(differing)}")
     if int(meta["step"]) > config.steps:
@@ -241,6 +244,7 @@ def tune(config: TuneConfig, progress: bool = False, stop_after: int | None = No
         out=str(config.out) if config.out else None,
         dev=dev_curve,
         selected_step=keep.step if config.keep_best and not crashed else None,
+        zo_queries=config.zo_queries,
     )
     if config.out is not None and not crashed:
         with (config.out / RESULTS_FILE).open("a", encoding="utf-8") as handle:

@@ -5,6 +5,13 @@ One step (MeZO, Malladi et al. 2023, Algorithm 1), for a step seed ``s`` and the
 1. ``θ += ε·z(s)``, loss₊ = L(θ);  2. ``θ −= 2ε·z(s)``, loss₋ = L(θ);  3. ``θ += ε·z(s)`` (restore);
 4. ``g = (loss₊ − loss₋) / (2ε)``, a scalar: the projected gradient; 5. regenerate z(s) and apply the rule below.
 
+n-SPSA (MeZO, Definition 1: ``∇̂L = (1/n) Σᵢ gᵢ·zᵢ``; MeZO's default and ours is n = 1, ZO-Bench calls n the query
+budget q): :meth:`ZOOptimizer.step_queries` runs steps 1-4 for n independent directions zᵢ, each with its own seed
+(:func:`~tiermem.tune.perturb.query_seed`) and all on the same batch at the same θ, then applies the rule once to
+ĝ = (1/n) Σᵢ gᵢ·zᵢ, regenerating every zᵢ chunk by chunk (no noise is stored; two chunks of extra memory: ĝ and one
+zᵢ). n = 1 is exactly :meth:`ZOOptimizer.step`. ``zo-sgd-sign`` takes n = 1 only: its rule uses the sign of the
+one scalar g.
+
 The rules (ZO-Bench, Zhang et al., "Revisiting Zeroth-Order Optimization for Memory-Efficient LLM Fine-Tuning: A
 Benchmark", ICML 2024, ``zo-bench/trainer.py``), with ĝ = g·z the estimated gradient of one tensor:
 
@@ -28,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tiermem.tune.perturb import CHUNK, chunk_noise, perturb_
+from tiermem.tune.perturb import CHUNK, chunk_noise, perturb_, query_seed
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,34 @@ class ZOOptimizer:
             self.update_tensor(name, param, seed, g)
         return loss_plus, loss_minus, g
 
+    @torch.no_grad()
+    def step_queries(
+        self, named: list[tuple[str, torch.Tensor]], seed: int, loss: Callable[[], float], queries: int
+    ) -> list[tuple[float, float, float]]:
+        """One n-SPSA step (n = ``queries``) in place on ``named``: (loss₊, loss₋, gᵢ) per direction.
+
+        Every direction is probed at the same θ (each ±ε pair is undone before the next), then θ moves once along
+        ĝ = (1/n) Σᵢ gᵢ·z(query_seed(seed, i)). ``queries == 1`` is :meth:`step`, bitwise.
+        """
+        if queries == 1:
+            return [self.step(named, seed, loss)]
+        if self.method == "zo-sgd-sign":
+            raise ValueError("zo-sgd-sign takes one query per step")
+        eps, probes = self.hyper.eps, []
+        for query in range(queries):
+            direction = query_seed(seed, query)
+            perturb_(named, direction, eps)
+            loss_plus = loss()
+            perturb_(named, direction, -2 * eps)
+            loss_minus = loss()
+            perturb_(named, direction, eps)
+            probes.append((loss_plus, loss_minus, self.projected_grad(loss_plus, loss_minus)))
+        self.begin_update()
+        weights = [(query_seed(seed, q), g / queries) for q, (_, _, g) in enumerate(probes)]
+        for name, param in named:
+            self.update_tensor_average(name, param, weights)
+        return probes
+
     def begin_update(self) -> None:
         """Call once per step before :meth:`update_tensor` (advances Adam's step count)."""
         self.updates += 1
@@ -122,6 +157,33 @@ class ZOOptimizer:
             else:
                 grad = z.mul_(g)
                 if decay:  # torch.optim.SGD/Adam's (coupled) weight_decay: grad += wd·θ
+                    grad.add_(piece, alpha=decay)
+                self._stateful(piece, grad, [b.view(-1)[start : start + CHUNK] for b in buffers])
+
+    @torch.no_grad()
+    def update_tensor_average(self, name: str, param: torch.Tensor, weights: list[tuple[int, float]]) -> None:
+        """The rule on one tensor for ĝ = Σ wᵢ·z(seedᵢ) over ``weights`` = [(seedᵢ, gᵢ/n)] (n-SPSA).
+
+        Per chunk, ĝ is summed from the regenerated zᵢ (two extra chunks), then ``zo-sgd``, ``zo-sgd-mmt`` or
+        ``zo-adam`` applies its rule to it as to a one-direction ĝ; weight decay is applied once per step.
+        Shapes: ``param`` any, updated in place; each chunk of ĝ is ``(min(CHUNK, numel),)``.
+        """
+        h, flat = self.hyper, param.view(-1)
+        decay = h.weight_decay if decays(name) else 0.0
+        buffers = self._buffers(name, param)
+        for c, start in enumerate(range(0, flat.numel(), CHUNK)):
+            piece = flat[start : start + CHUNK]
+            grad = torch.zeros_like(piece)
+            for seed, weight in weights:
+                grad.add_(chunk_noise(seed, name, c, piece.numel(), param.dtype), alpha=weight)
+            if self.method == "zo-sgd":
+                if decay:
+                    piece.mul_(1 - h.lr * decay)
+                piece.add_(grad, alpha=-h.lr)
+            elif self.method == "zo-sgd-sign":
+                raise ValueError("zo-sgd-sign takes one query per step")
+            else:
+                if decay:
                     grad.add_(piece, alpha=decay)
                 self._stateful(piece, grad, [b.view(-1)[start : start + CHUNK] for b in buffers])
 
