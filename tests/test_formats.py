@@ -119,6 +119,44 @@ def test_int8_attention_equals_attention_over_decoded_rows(softcap: float | None
         torch.testing.assert_close(got, reference, atol=2e-5, rtol=1e-4)
 
 
+def _exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, info: Any) -> torch.Tensor:
+    """Float64 attention of every query over every key: (1, Hq, T, D)."""
+    g = info.num_heads // info.num_kv_heads
+    k, v = keys.double().repeat_interleave(g, dim=1), values.double().repeat_interleave(g, dim=1)
+    return ((q.double() @ k.transpose(-1, -2)) * info.scaling).softmax(dim=-1) @ v
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 4e-3)])
+def test_decode_attention_matches_exact(dtype: torch.dtype, tolerance: float) -> None:
+    """A decode step (one query) takes the eager path, not SDPA: it must agree with float64 to the dtype's rounding."""
+    info = _info()
+    keys, values = torch.randn(1, 2, 300, 32, generator=gen(8)), torch.randn(1, 2, 300, 32, generator=gen(9))
+    q = torch.randn(1, 6, 1, 32, generator=gen(10)) * 2
+    got = attention(q.to(dtype), keys.to(dtype), values.to(dtype), torch.tensor([299]), torch.arange(300), info)
+    assert got.dtype == dtype and got.shape == (1, 6, 1, 32)
+    exact = _exact_attention(q.to(dtype), keys.to(dtype), values.to(dtype), info)
+    assert (got.double() - exact).abs().max().item() < tolerance
+
+
+def test_int8_decode_in_bfloat16_past_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 decode step over >= HALF_DECODE_MIN_KEYS int8 keys converts them to bf16 (not float32): the result
+    differs from the float32 path by bf16 rounding only."""
+    info = _info()
+    fmt = kv_format("int8", torch.bfloat16)
+    keys = fmt.encode(torch.randn(1, 2, 256, 32, generator=gen(11)) * 3)
+    values = fmt.encode(torch.randn(1, 2, 256, 32, generator=gen(12)))
+    q = (torch.randn(1, 6, 1, 32, generator=gen(13)) * 3).bfloat16()
+    k_pos, q_pos = torch.arange(256), torch.tensor([255])
+    exact = _exact_attention(q, fmt.decode(keys, torch.float64), fmt.decode(values, torch.float64), info)
+    float32_path = int8_attention(q, keys, values, fmt, q_pos, k_pos, info)
+    monkeypatch.setattr("tiermem.kvstore.quant_attention.HALF_DECODE_MIN_KEYS", 256)
+    half_path = int8_attention(q, keys, values, fmt, q_pos, k_pos, info)
+    assert half_path.dtype == torch.bfloat16 and not torch.equal(half_path, float32_path)
+    scale = exact.abs().max().item()
+    assert (half_path.double() - exact).abs().max().item() < 2e-2 * scale
+    assert (float32_path.double() - exact).abs().max().item() < 5e-3 * scale
+
+
 @pytest.mark.parametrize("name", ["bfloat16", "float16", "int8"])
 def test_buffer_attention_reads_the_stored_rows(name: str) -> None:
     info = _info()

@@ -4,7 +4,9 @@ Keys and values stay int8 (:mod:`tiermem.kvstore.quant`). Each chunk of at most 
 to float32 and its per-token scales are folded in where they cost least: the key scales multiply the chunk's logits
 (``q . (s_k k) = s_k (q . k)``) and the value scales multiply the probabilities (``sum_j p_j s_j v_j``), so no
 scaled copy of a chunk is made. Chunks are merged by the running maximum and sum of the softmax (the online softmax
-of FlashAttention), so the result equals one softmax over all keys. Arithmetic is float32 whatever the model's dtype.
+of FlashAttention), so the result equals one softmax over all keys. Arithmetic is float32 whatever the model's dtype,
+except a bfloat16 model's decode step over many keys (:data:`HALF_DECODE_MIN_KEYS`), whose K and V are converted to
+bfloat16 (logits and probabilities rounded as transformers' bf16 eager attention rounds them; softmax in float32).
 
 A prefill chunk in the plain causal layout (:mod:`tiermem.prefill_attention`) takes another route: the past is
 decoded 8k keys at a time into the query's dtype and read by the CPU flash kernel without a mask,
@@ -20,6 +22,11 @@ from tiermem.kvstore.quant import KVFormat
 from tiermem.layer_info import LayerInfo
 from tiermem.prefill_attention import causal_prefill
 
+# A bfloat16 model's decode step over at least this many keys converts them to bfloat16, not float32: half the bytes
+# written and read, at transformers' bf16 eager rounding (logits and probabilities in bf16). Below it the float32
+# path is as fast or faster (per layer of SmolLM2, 1 thread: 4k keys 603 us against 978, 1k 314 against 309, 512
+# 280 against 187; BENCHMARKS.md, "Decode attention at one query").
+HALF_DECODE_MIN_KEYS = 2048
 MAX_CHUNK_TOKENS = 8192  # a decode step at 8k reads one chunk: 2 x Hkv x 8192 x D float32 (12 MiB for SmolLM2)
 LOGITS_BUDGET = 1 << 22  # float32 logits per chunk at most (16 MiB): long prefill chunks take fewer keys per step
 
@@ -49,9 +56,11 @@ def int8_attention(
         if fast is not None:
             return fast
     chunk = chunk_tokens or chunk_tokens_for(hq, t)
-    grouped = q.float().reshape(1, hkv, g * t, d)  # query heads of one KV head are adjacent (GQA's layout)
     if s <= chunk:  # one chunk (every decode step up to 8k keys): one softmax, no running statistics
+        half = t == 1 and q.dtype == torch.bfloat16 and s >= HALF_DECODE_MIN_KEYS
+        grouped = (q if half else q.float()).reshape(1, hkv, g * t, d)
         return _one_chunk(grouped, keys, values, fmt, q_pos, k_pos, info).view(1, hq, t, d).to(q.dtype)
+    grouped = q.float().reshape(1, hkv, g * t, d)  # query heads of one KV head are adjacent (GQA's layout)
     running_max = torch.full((1, hkv, g * t, 1), float("-inf"))
     running_sum = torch.zeros(1, hkv, g * t, 1)
     acc = torch.zeros(1, hkv, g * t, d)
@@ -76,8 +85,8 @@ def _chunk_logits(
     int8 ``keys`` (1, Hkv, C, D + 4) at positions ``k_pos`` (C,)."""
     hkv, g, t = info.num_kv_heads, info.group_size, q_pos.shape[0]
     k_int, k_scale = fmt.split(keys)  # (1, Hkv, C, D) int8, (1, Hkv, C, 1) float32
-    logits = grouped @ k_int.to(torch.float32).transpose(-1, -2)
-    logits = logits * (k_scale.transpose(-1, -2) * info.scaling)
+    logits = grouped @ k_int.to(grouped.dtype).transpose(-1, -2)
+    logits = logits * (k_scale.transpose(-1, -2) * info.scaling)  # float32 from here on
     if info.softcap is not None:
         logits = torch.tanh(logits / info.softcap) * info.softcap
     visible = k_pos[None, :] <= q_pos[:, None]  # (T, C)
@@ -97,9 +106,10 @@ def _one_chunk(
     k_pos: torch.Tensor,
     info: LayerInfo,
 ) -> torch.Tensor:
-    """:func:`int8_attention` when all keys fit one chunk: ``grouped`` (1, Hkv, G*T, D) -> (1, Hkv, G*T, D) float32.
-    The same arithmetic as the loop's first step in fewer operations (a decode step's Python and
-    dispatch cost is per operation)."""
+    """:func:`int8_attention` when all keys fit one chunk: ``grouped`` (1, Hkv, G*T, D) -> (1, Hkv, G*T, D) in
+    ``grouped``'s dtype, which is also the one K and V are converted to (float32, or bfloat16 for a long decode
+    step: :data:`HALF_DECODE_MIN_KEYS`); the softmax is float32 either way. The same arithmetic as the loop's first
+    step in fewer operations (a decode step's Python and dispatch cost is per operation)."""
     probs = _chunk_logits(grouped, keys, fmt, q_pos, k_pos, info).softmax(dim=-1)
     v_int, v_scale = fmt.split(values)
-    return (probs * v_scale.transpose(-1, -2)) @ v_int.to(torch.float32)
+    return (probs * v_scale.transpose(-1, -2)).to(grouped.dtype) @ v_int.to(grouped.dtype)

@@ -43,8 +43,8 @@ def attention(
     if info.sliding_window is not None:
         visible &= k_pos[None, :] > q_pos[:, None] - info.sliding_window
     mask = None if t == 1 and bool(visible.all()) else visible
-    if info.softcap is not None:
-        return _softcapped_attention(q, keys, values, mask, info)
+    if info.softcap is not None or t == 1:
+        return _eager_attention(q, keys, values, mask, info)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=info.scaling, enable_gqa=True)
 
 
@@ -68,15 +68,21 @@ def buffer_attention(
     return attention(q.to(keys.dtype), keys, values, q_pos, k_pos, info).to(q.dtype)
 
 
-def _softcapped_attention(
+def _eager_attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, info: LayerInfo
 ) -> torch.Tensor:
-    """Gemma2-style ``tanh`` soft-capping of the logits, which SDPA cannot express."""
-    assert info.softcap is not None
+    """Attention written out as transformers' eager path computes it (logits in ``q``'s dtype, softmax in float32).
+
+    Taken for a decode step (one query) and for Gemma2-style ``tanh`` soft-capping, which SDPA cannot express. At
+    one query SDPA's CPU kernels are slower than these few operations in half precision: per layer of SmolLM2, 1
+    thread, 4,096 keys, bfloat16 4,181 us against 254 us, float16 8,347 against 2,519, float32 505 against 477
+    (BENCHMARKS.md, "Decode attention at one query"); the results agree to the half dtype's rounding.
+    """
     _, _, t, d = q.shape
-    grouped = q.view(1, info.num_kv_heads, info.group_size * t, d)  # (1, Hkv, G*T, D)
+    grouped = q.reshape(1, info.num_kv_heads, info.group_size * t, d)  # (1, Hkv, G*T, D)
     logits = grouped @ keys.transpose(-1, -2) * info.scaling
-    logits = torch.tanh(logits / info.softcap) * info.softcap
+    if info.softcap is not None:
+        logits = torch.tanh(logits / info.softcap) * info.softcap
     if mask is not None:
         logits = logits.view(1, info.num_kv_heads, info.group_size, t, -1).masked_fill(~mask, float("-inf"))
         logits = logits.view(1, info.num_kv_heads, info.group_size * t, -1)
