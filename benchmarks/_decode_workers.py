@@ -134,10 +134,10 @@ def weight_bytes_per_token(model: Any) -> int:
 
 
 def worker_tiermem(
-    row: dict[str, Any], steps: int, threads: int, policy_name: str, fast: bool = False
+    row: dict[str, Any], steps: int, threads: int, policy_name: str, fast: bool = False, kv_dtype: str | None = None
 ) -> dict[str, Any]:
     """tiermem's ``generate`` on the row; ``fast``: in the formats ``--formats fast`` picks (bf16, weights in the
-    checkpoint's bits, int8 KV), else float32."""
+    checkpoint's bits, int8 KV), else float32; ``kv_dtype`` overrides the preset's KV format."""
     import argparse
 
     import torch
@@ -151,7 +151,7 @@ def worker_tiermem(
 
     torch.set_num_threads(threads)
     engine.stop_token_ids = lambda lm: set()  # ignore EOS: every system does exactly `steps` decode forwards
-    preset = argparse.Namespace(formats="fast" if fast else "exact", dtype=None, weights_quant=None, kv_dtype=None)
+    preset = argparse.Namespace(formats="fast" if fast else "exact", dtype=None, weights_quant=None, kv_dtype=kv_dtype)
     apply_preset(preset)
     lm = load("smollm2", preset.dtype, weights_quant=preset.weights_quant)
     store = StoreConfig(kv_dtype=preset.kv_dtype)

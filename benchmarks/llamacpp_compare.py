@@ -79,6 +79,7 @@ SYSTEMS = {
     "snapkv": "tiermem snapkv@512 (fp32)",
     "fast": "tiermem full (default formats)",
     "fast-snapkv": "tiermem snapkv@512 (default formats)",
+    "fast-kvbf16": "tiermem full (defaults, bf16 KV)",
     "hf": "HF generate (fp32)",
 }
 RESULT_TAG = "RESULT "
@@ -138,6 +139,7 @@ WORKERS = {
     "snapkv": lambda row, a: worker_tiermem(row, a.steps, a.threads, "snapkv"),
     "fast": lambda row, a: worker_tiermem(row, a.steps, a.threads, "full", fast=True),
     "fast-snapkv": lambda row, a: worker_tiermem(row, a.steps, a.threads, "snapkv", fast=True),
+    "fast-kvbf16": lambda row, a: worker_tiermem(row, a.steps, a.threads, "full", fast=True, kv_dtype="bfloat16"),
     "hf": lambda row, a: worker_hf(row, a.steps, a.threads),
     "profile": lambda row, a: worker_profile(row, a.steps, a.threads),
 }

@@ -114,6 +114,17 @@ class KVBuffer:
         n = self.length
         return self.keys[:, :, :n], self.values[:, :, :n], self.positions[:, :n]
 
+    def decode_keys(self) -> torch.Tensor:
+        """Keys for a decode step's logits: the whole block (1, H, capacity, W) when it is at most ~1.25x the used
+        part, else the used rows (1, H, length, W). The caller slices the logits to ``length``.
+
+        A batched matmul over a prefix of the block is not dense per head, so the CPU kernels copy it first: in
+        bfloat16 that measured 7x slower than reading the whole block (BENCHMARKS.md, "Decode attention at one
+        query"). Rows past ``length`` are unused memory whose logits are cut off before the softmax."""
+        if self.capacity <= self.length + self.length // 4 + self.min_growth:
+            return self.keys
+        return self.keys[:, :, : self.length]
+
     def write_keys(self, start: int, keys: torch.Tensor) -> None:
         """Overwrite the keys of slots ``start ...`` with ``keys`` (1, H, T, D) (re-rotated sink keys)."""
         self.keys[:, :, start : start + keys.shape[2]] = self._encode(keys)

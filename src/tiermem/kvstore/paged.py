@@ -73,6 +73,10 @@ class PagedKVBuffer(KVBuffer):
         self._map, self._rows = region, layout
         return views[0].unsqueeze(0), views[1].unsqueeze(0), views[2][..., 0], views[3][..., 0]
 
+    def decode_keys(self) -> torch.Tensor:
+        """The used rows only: the block is a reservation far larger than the tokens held."""
+        return self.keys[:, :, : self.length]
+
     @property
     def nbytes(self) -> int:
         """Bytes of committed pages: each row's tokens rounded up to whole pages."""

@@ -34,7 +34,9 @@ def attention(
     """Scaled dot-product attention of new queries over stored keys, with GQA and masking by position.
 
     Shapes: ``q`` (1, Hq, T, D); ``keys``/``values`` (1, Hkv, S, D); ``q_pos`` (T,) and ``k_pos`` (S,) are the
-    positions used for the causal (and sliding-window) rule. Returns (1, Hq, T, D).
+    positions used for the causal (and sliding-window) rule. Returns (1, Hq, T, D). A decode step (T = 1) may pass
+    ``keys`` with more rows than ``values`` (a buffer's whole block, :meth:`KVBuffer.decode_keys`): rows past S are
+    ignored.
     """
     t = q.shape[2]
     if t > 1 and (fast := causal_prefill(q, keys, values, q_pos, k_pos, info)) is not None:
@@ -43,8 +45,9 @@ def attention(
     if info.sliding_window is not None:
         visible &= k_pos[None, :] > q_pos[:, None] - info.sliding_window
     mask = None if t == 1 and bool(visible.all()) else visible
-    if info.softcap is not None or t == 1:
+    if info.softcap is not None or (t == 1 and q.dtype != torch.float32):
         return _eager_attention(q, keys, values, mask, info)
+    keys = keys[:, :, : values.shape[2]]  # a decode step may pass a whole block (see above)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=info.scaling, enable_gqa=True)
 
 
@@ -61,10 +64,12 @@ def buffer_attention(
     keys, values, positions = buffer.stored()
     k_pos = positions[0] if k_pos is None else k_pos
     fmt = buffer.format
-    if fmt.plain:
-        return attention(q, keys, values, q_pos, k_pos, info)
     if fmt.quantized:
         return int8_attention(q, keys, values, fmt, q_pos, k_pos, info)
+    if q.shape[2] == 1:
+        keys = buffer.decode_keys()
+    if fmt.plain:
+        return attention(q, keys, values, q_pos, k_pos, info)
     return attention(q.to(keys.dtype), keys, values, q_pos, k_pos, info).to(q.dtype)
 
 
@@ -73,14 +78,15 @@ def _eager_attention(
 ) -> torch.Tensor:
     """Attention written out as transformers' eager path computes it (logits in ``q``'s dtype, softmax in float32).
 
-    Taken for a decode step (one query) and for Gemma2-style ``tanh`` soft-capping, which SDPA cannot express. At
-    one query SDPA's CPU kernels are slower than these few operations in half precision: per layer of SmolLM2, 1
-    thread, 4,096 keys, bfloat16 4,181 us against 254 us, float16 8,347 against 2,519, float32 505 against 477
-    (BENCHMARKS.md, "Decode attention at one query"); the results agree to the half dtype's rounding.
+    Taken for Gemma2-style ``tanh`` soft-capping, which SDPA cannot express, and for a decode step (one query) in
+    half precision, where SDPA's CPU kernels are slower than these few operations: per layer of SmolLM2, 1 thread,
+    4,096 keys, bfloat16 4,181 us against 254 us, float16 8,347 against 2,519 (float32: 505 against 477, so float32
+    keeps SDPA; BENCHMARKS.md, "Decode attention at one query"). Logits are rounded to the half dtype as in
+    transformers' eager attention (SDPA accumulates them in float32): a softmax error of about 1% at logits of 10.
     """
     _, _, t, d = q.shape
     grouped = q.reshape(1, info.num_kv_heads, info.group_size * t, d)  # (1, Hkv, G*T, D)
-    logits = grouped @ keys.transpose(-1, -2) * info.scaling
+    logits = (grouped @ keys.transpose(-1, -2))[..., : values.shape[2]] * info.scaling
     if info.softcap is not None:
         logits = torch.tanh(logits / info.softcap) * info.softcap
     if mask is not None:
