@@ -23,10 +23,11 @@ from tiermem.layer_info import LayerInfo
 from tiermem.prefill_attention import causal_prefill
 
 # A bfloat16 model's decode step over at least this many keys converts them to bfloat16, not float32: half the bytes
-# written and read, at transformers' bf16 eager rounding (logits and probabilities in bf16). Below it the float32
-# path is as fast or faster (per layer of SmolLM2, 1 thread: 4k keys 603 us against 978, 1k 314 against 309, 512
-# 280 against 187; BENCHMARKS.md, "Decode attention at one query").
-HALF_DECODE_MIN_KEYS = 2048
+# written and read, at transformers' bf16 eager rounding (logits and probabilities in bf16). Per layer of SmolLM2,
+# quiet machine (BENCHMARKS.md, "Decode attention at one query"), float32 against bfloat16 conversion: 2 threads
+# 512 keys 208 / 199 us, 1k 332 / 262, 4k 1039 / 586; 1 thread 512 125 / 171, 1k 202 / 227, 2k 338 / 337, 4k 643 /
+# 571. The threshold sits where 2 threads (the default on this machine) gain and 1 thread loses least.
+HALF_DECODE_MIN_KEYS = 1024
 MAX_CHUNK_TOKENS = 8192  # a decode step at 8k reads one chunk: 2 x Hkv x 8192 x D float32 (12 MiB for SmolLM2)
 LOGITS_BUDGET = 1 << 22  # float32 logits per chunk at most (16 MiB): long prefill chunks take fewer keys per step
 
