@@ -31,6 +31,8 @@ import re
 from functools import cache
 from pathlib import Path
 
+from tiermem.staging import staged_file
+
 PRESETS = ("fast", "exact")
 EXACT_INT4_TYPES = frozenset({"Q4_1"})  # GGUF types that int4 in groups of 32 re-codes exactly (module docstring)
 GGUF_TYPES_FILE = "tiermem-gguf-types.json"  # written beside a converted GGUF: {gguf tensor name: type name}
@@ -82,9 +84,8 @@ def gguf_tensor_types(gguf: Path) -> dict[str, str]:
 
 def save_gguf_types(gguf: Path, folder: Path) -> None:
     """Record ``gguf``'s tensor types in its converted ``folder`` (the folder's weights are dequantized floats)."""
-    partial = folder / (GGUF_TYPES_FILE + ".partial")
-    partial.write_text(json.dumps(gguf_tensor_types(gguf), indent=0, sort_keys=True))
-    partial.replace(folder / GGUF_TYPES_FILE)
+    with staged_file(folder / GGUF_TYPES_FILE) as partial:
+        partial.write_text(json.dumps(gguf_tensor_types(gguf), indent=0, sort_keys=True))
 
 
 def source_types(folder: Path) -> dict[str, str] | None:

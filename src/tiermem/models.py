@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import importlib.util
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from transformers import (
 from tiermem.errors import TiermemError
 from tiermem.formats import save_gguf_types, source_types, weight_modes
 from tiermem.norms import fuse_norms
+from tiermem.staging import staged_dir
 from tiermem.weights.flash import FlashConfig, FlashWeights
 from tiermem.weights.fuse import fuse_projections
 from tiermem.weights.quant import (
@@ -165,12 +165,10 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     setattr(model, "hf_quantizer", None)  # noqa: B010 (nn.Module typing rejects a plain assignment)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    save_gguf_types(gguf, partial)
-    partial.rename(target)
+    with staged_dir(target) as partial:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        save_gguf_types(gguf, partial)
 
 
 def resolve_source(name: str) -> Path:
@@ -194,7 +192,6 @@ def resolve_source(name: str) -> Path:
         raise TiermemError(f"GGUF file {gguf} is missing")
     target = _converted_dir(gguf)
     if not target.is_dir():
-        target.parent.mkdir(parents=True, exist_ok=True)
         _convert_gguf(gguf, target)
     # Folders converted before the types were recorded get them once; a read-only cache is not re-read on every load
     # only to fail the write (--weights-quant auto then takes int8 everywhere).

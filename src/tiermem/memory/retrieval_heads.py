@@ -25,6 +25,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tiermem.layer_info import attention_modules, describe_layers
+from tiermem.staging import staged_file
 
 CALIBRATION_VERSION = 2
 DISTRACTORS = 3  # other subjects' codes in the same prompt: a head must match the subject, not only the phrase
@@ -302,8 +303,6 @@ def retrieval_heads(
         except (ValueError, KeyError, TypeError):
             pass  # a damaged cache file: calibrate again and overwrite it
     found = calibrate(model, tokenizer, n_heads)
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(asdict(found)))
-    partial.replace(path)
+    with staged_file(path) as partial:
+        partial.write_text(json.dumps(asdict(found)))
     return found

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from tiermem.errors import TiermemError
+from tiermem.staging import staged_file
 from tiermem.weights.stream import decoder_layers
 
 
@@ -63,9 +64,8 @@ def write_bundles(mlp: nn.Module, path: Path) -> None:
     up = mlp.get_parameter("up_proj.weight").detach()  # (I, d)
     down = mlp.get_parameter("down_proj.weight").detach()  # (d, I)
     bundles = torch.cat([up, down.t()], dim=1).contiguous()
-    partial = path.with_name(path.name + ".partial")
-    bundles.numpy().tofile(partial)
-    partial.rename(path)
+    with staged_file(path) as partial:
+        bundles.numpy().tofile(partial)
 
 
 class NeuronWindow:

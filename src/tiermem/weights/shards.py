@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import struct
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tiermem.errors import TiermemError
+from tiermem.staging import staged_dir
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -171,7 +171,7 @@ def source_fingerprint(source: Path, dtype: torch.dtype) -> str:
 
 
 def convert(source: Path, target: Path, dtype: torch.dtype, tied: Collection[str] = ()) -> LayerStore:
-    """Rewrite an HF checkpoint folder as one safetensors file per layer (atomically, via ``target.partial``).
+    """Rewrite an HF checkpoint folder as one safetensors file per layer (atomically: :func:`staged_dir`).
 
     Tensors are cast to ``dtype``; names in ``tied`` (weights shared with another, e.g. a tied ``lm_head``) are
     skipped. One group is held in memory at a time.
@@ -184,20 +184,16 @@ def convert(source: Path, target: Path, dtype: torch.dtype, tied: Collection[str
     layer_ids = sorted(int(g) for g in groups if g != RESIDENT)
     if layer_ids != list(range(len(layer_ids))):
         raise TiermemError(f"model folder {source} has gaps in its layer numbering")
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    for group in [RESIDENT, *map(str, layer_ids)]:
-        tensors = {}
-        for name in groups.get(group, []):
-            with safe_open(str(where[name]), framework="pt") as handle:
-                tensors[name] = handle.get_tensor(name).to(dtype).contiguous()
-        save_file(tensors, str(partial / _file_name(group)))
-        del tensors
-    manifest = {"format": FORMAT_VERSION, "source": str(source), "num_layers": len(layer_ids), "dtype": str(dtype)}
-    (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
+    with staged_dir(target) as partial:
+        for group in [RESIDENT, *map(str, layer_ids)]:
+            tensors = {}
+            for name in groups.get(group, []):
+                with safe_open(str(where[name]), framework="pt") as handle:
+                    tensors[name] = handle.get_tensor(name).to(dtype).contiguous()
+            save_file(tensors, str(partial / _file_name(group)))
+            del tensors
+        manifest = {"format": FORMAT_VERSION, "source": str(source), "num_layers": len(layer_ids), "dtype": str(dtype)}
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return open_store(target)
 
 
