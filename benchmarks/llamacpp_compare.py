@@ -80,6 +80,7 @@ SYSTEMS = {
     "fast": "tiermem full (default formats)",
     "fast-snapkv": "tiermem snapkv@512 (default formats)",
     "fast-kvbf16": "tiermem full (defaults, bf16 KV)",
+    "fast-kvf32": "tiermem full (defaults, fp32 KV)",
     "hf": "HF generate (fp32)",
 }
 RESULT_TAG = "RESULT "
@@ -140,6 +141,7 @@ WORKERS = {
     "fast": lambda row, a: worker_tiermem(row, a.steps, a.threads, "full", fast=True),
     "fast-snapkv": lambda row, a: worker_tiermem(row, a.steps, a.threads, "snapkv", fast=True),
     "fast-kvbf16": lambda row, a: worker_tiermem(row, a.steps, a.threads, "full", fast=True, kv_dtype="bfloat16"),
+    "fast-kvf32": lambda row, a: worker_tiermem(row, a.steps, a.threads, "full", fast=True, kv_dtype="float32"),
     "hf": lambda row, a: worker_hf(row, a.steps, a.threads),
     "profile": lambda row, a: worker_profile(row, a.steps, a.threads),
 }
