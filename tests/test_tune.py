@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tune_fixtures import make_tiny_tune_model
+from tests.tune_fixtures import make_tiny_tune_model, torch_reference
 from tiermem.cli import main
 from tiermem.errors import TiermemError
 from tiermem.tune import TuneConfig, tune
@@ -109,11 +109,7 @@ def test_stateful_zo_rules_match_torch_optimizers(method: str) -> None:
     """ZO-Bench runs torch.optim.SGD(momentum)/Adam on ĝ = g·z: our chunked rule gives the same parameters."""
     hyper = ZOHyper(lr=1e-2, eps=1e-3, weight_decay=0.1)
     param = torch.randn(6, 7)
-    reference = torch.nn.Parameter(param.clone())
-    if method == "zo-adam":
-        optimizer: torch.optim.Optimizer = torch.optim.Adam([reference], lr=hyper.lr, weight_decay=0.1)
-    else:
-        optimizer = torch.optim.SGD([reference], lr=hyper.lr, momentum=hyper.momentum, weight_decay=0.1)
+    reference, optimizer = torch_reference(method, hyper, param)
     zo = ZOOptimizer(method, hyper)
     for step, g in enumerate([0.7, -1.3, 0.2]):
         zo.begin_update()

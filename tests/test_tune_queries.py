@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tune_fixtures import make_tiny_tune_model
+from tests.tune_fixtures import make_tiny_tune_model, torch_reference
 from tiermem.errors import TiermemError
 from tiermem.tune import TuneConfig, tune
 from tiermem.tune.objective import Objective
@@ -89,12 +89,7 @@ def test_averaged_rule_is_the_rule_on_the_averaged_gradient(method: str) -> None
     """torch's SGD/Adam on ĝ = (g₀z₀ + g₁z₁)/2, one update per step (Adam's step count advances once)."""
     hyper = ZOHyper(lr=1e-2, eps=1e-3, weight_decay=0.1)
     param = torch.randn(6, 7)
-    reference = torch.nn.Parameter(param.clone())
-    if method == "zo-adam":
-        optimizer: torch.optim.Optimizer = torch.optim.Adam([reference], lr=hyper.lr, weight_decay=0.1)
-    else:
-        momentum = hyper.momentum if method == "zo-sgd-mmt" else 0.0
-        optimizer = torch.optim.SGD([reference], lr=hyper.lr, momentum=momentum, weight_decay=0.1)
+    reference, optimizer = torch_reference(method, hyper, param)
     zo = ZOOptimizer(method, hyper)
     for step, gs in enumerate([(0.7, -0.2), (-1.3, 0.4), (0.2, 0.9)]):
         weights = [(query_seed(step, q), g / 2) for q, g in enumerate(gs)]

@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from tiermem.tune.tasks import polarity_sentences
+from tiermem.tune.zo import ZOHyper
 
 
 def make_tiny_tune_model(folder: Path, layers: int = 2, tied: bool = False) -> Path:
@@ -37,3 +38,14 @@ def make_tiny_tune_model(folder: Path, layers: int = 2, tied: bool = False) -> P
     )
     LlamaForCausalLM(cfg).save_pretrained(folder)
     return folder
+
+
+def torch_reference(
+    method: str, hyper: ZOHyper, param: torch.Tensor
+) -> tuple[torch.nn.Parameter, torch.optim.Optimizer]:
+    """A copy of ``param`` and the torch optimizer ZO-Bench runs for ``method`` on ĝ (SGD, SGD with momentum, Adam)."""
+    reference = torch.nn.Parameter(param.clone())
+    if method == "zo-adam":
+        return reference, torch.optim.Adam([reference], lr=hyper.lr, weight_decay=hyper.weight_decay)
+    momentum = hyper.momentum if method == "zo-sgd-mmt" else 0.0
+    return reference, torch.optim.SGD([reference], lr=hyper.lr, momentum=momentum, weight_decay=hyper.weight_decay)
