@@ -21,7 +21,7 @@ def _build_slowly(target: str, marker: str, barrier: object) -> None:
 
 def test_two_processes_building_one_folder_both_succeed_and_one_whole_folder_remains(tmp_path: Path) -> None:
     target = tmp_path / "entry"
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # a forked child of a torch process can hang in OpenMP
     barrier = ctx.Barrier(2)
     workers = [ctx.Process(target=_build_slowly, args=(str(target), m, barrier)) for m in ("first", "second")]
     for w in workers:
@@ -63,7 +63,7 @@ def test_concurrent_layer_store_conversions_of_one_model(tiny_model_dir: Path, t
     """Two processes streaming the same model for the first time: before, the second deleted the first's staging
     folder mid-write and crashed with a traceback."""
     target = tmp_path / "layers"
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # a forked child of a torch process can hang in OpenMP
     workers = [ctx.Process(target=_convert, args=(str(tiny_model_dir), str(target))) for _ in range(2)]
     for w in workers:
         w.start()
