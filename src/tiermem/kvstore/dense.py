@@ -119,8 +119,9 @@ class KVBuffer:
         part, else the used rows (1, H, length, W). The caller slices the logits to ``length``.
 
         A batched matmul over a prefix of the block is not dense per head, so the CPU kernels copy it first: in
-        bfloat16 that measured 7x slower than reading the whole block (BENCHMARKS.md, "Decode attention at one
-        query"). Rows past ``length`` are unused memory whose logits are cut off before the softmax."""
+        bfloat16 that measured 1.2-3.3x slower than reading the whole block, more with more keys (BENCHMARKS.md,
+        "Decode attention at one query"). Rows past ``length`` are unused memory whose logits are cut off before the
+        softmax."""
         if self.capacity <= self.length + self.length // 4 + self.min_growth:
             return self.keys
         return self.keys[:, :, : self.length]

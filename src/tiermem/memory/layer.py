@@ -79,10 +79,11 @@ def _eager_attention(
     """Attention written out as transformers' eager path computes it (logits in ``q``'s dtype, softmax in float32).
 
     Taken for Gemma2-style ``tanh`` soft-capping, which SDPA cannot express, and for a decode step (one query) in
-    half precision, where SDPA's CPU kernels are slower than these few operations: per layer of SmolLM2, 1 thread,
-    4,096 keys, bfloat16 4,181 us against 254 us, float16 8,347 against 2,519 (float32: 505 against 477, so float32
-    keeps SDPA; BENCHMARKS.md, "Decode attention at one query"). Logits are rounded to the half dtype as in
-    transformers' eager attention (SDPA accumulates them in float32): a softmax error of about 1% at logits of 10.
+    half precision, where SDPA's CPU kernels are slower than these few operations: per layer of SmolLM2, 4,096
+    keys, bfloat16 SDPA 3,902 us against 322 here at 1 thread, 2,255 against 404 at 2 threads (float32 SDPA takes
+    501 and 318, so float32 keeps it; BENCHMARKS.md, "Decode attention at one query"). Logits are rounded to the half
+    dtype as in transformers' eager attention (SDPA accumulates them in float32): a softmax error of about 1% at
+    logits of 10.
     """
     _, _, t, d = q.shape
     grouped = q.reshape(1, info.num_kv_heads, info.group_size * t, d)  # (1, Hkv, G*T, D)
