@@ -95,17 +95,24 @@ class ZOOptimizer:
         self, named: list[tuple[str, torch.Tensor]], seed: int, loss: Callable[[], float]
     ) -> tuple[float, float, float]:
         """One MeZO step in place on ``named``: returns (loss₊, loss₋, g). ``loss`` runs one forward pass."""
+        loss_plus, loss_minus, g = self.probe(named, seed, loss)
+        self.begin_update()
+        for name, param in named:
+            self.update_tensor(name, param, seed, g)
+        return loss_plus, loss_minus, g
+
+    @torch.no_grad()
+    def probe(
+        self, named: list[tuple[str, torch.Tensor]], seed: int, loss: Callable[[], float]
+    ) -> tuple[float, float, float]:
+        """Steps 1-4 along z(seed): (loss₊, loss₋, g), with θ restored afterwards (nothing is updated)."""
         eps = self.hyper.eps
         perturb_(named, seed, eps)
         loss_plus = loss()
         perturb_(named, seed, -2 * eps)
         loss_minus = loss()
         perturb_(named, seed, eps)
-        g = self.projected_grad(loss_plus, loss_minus)
-        self.begin_update()
-        for name, param in named:
-            self.update_tensor(name, param, seed, g)
-        return loss_plus, loss_minus, g
+        return loss_plus, loss_minus, self.projected_grad(loss_plus, loss_minus)
 
     @torch.no_grad()
     def step_queries(
@@ -120,15 +127,7 @@ class ZOOptimizer:
             return [self.step(named, seed, loss)]
         if self.method == "zo-sgd-sign":
             raise ValueError("zo-sgd-sign takes one query per step")
-        eps, probes = self.hyper.eps, []
-        for query in range(queries):
-            direction = query_seed(seed, query)
-            perturb_(named, direction, eps)
-            loss_plus = loss()
-            perturb_(named, direction, -2 * eps)
-            loss_minus = loss()
-            perturb_(named, direction, eps)
-            probes.append((loss_plus, loss_minus, self.projected_grad(loss_plus, loss_minus)))
+        probes = [self.probe(named, query_seed(seed, query), loss) for query in range(queries)]
         self.begin_update()
         weights = [(query_seed(seed, q), g / queries) for q, (_, _, g) in enumerate(probes)]
         for name, param in named:
@@ -149,16 +148,11 @@ class ZOOptimizer:
             piece = flat[start : start + CHUNK]
             z = chunk_noise(seed, name, c, piece.numel(), param.dtype)
             if self.method == "zo-sgd":
-                if decay:
-                    piece.mul_(1 - h.lr * decay)
-                piece.add_(z, alpha=-h.lr * g)
+                self._sgd(piece, z, decay, -h.lr * g)
             elif self.method == "zo-sgd-sign":
                 piece.add_(z, alpha=(-h.lr * math.copysign(1.0, g)) if g != 0 else 0.0)
             else:
-                grad = z.mul_(g)
-                if decay:  # torch.optim.SGD/Adam's (coupled) weight_decay: grad += wd·θ
-                    grad.add_(piece, alpha=decay)
-                self._stateful(piece, grad, [b.view(-1)[start : start + CHUNK] for b in buffers])
+                self._stateful(piece, z.mul_(g), decay, [b.view(-1)[start : start + CHUNK] for b in buffers])
 
     @torch.no_grad()
     def update_tensor_average(self, name: str, param: torch.Tensor, weights: list[tuple[int, float]]) -> None:
@@ -177,22 +171,27 @@ class ZOOptimizer:
             for seed, weight in weights:
                 grad.add_(chunk_noise(seed, name, c, piece.numel(), param.dtype), alpha=weight)
             if self.method == "zo-sgd":
-                if decay:
-                    piece.mul_(1 - h.lr * decay)
-                piece.add_(grad, alpha=-h.lr)
+                self._sgd(piece, grad, decay, -h.lr)
             elif self.method == "zo-sgd-sign":
                 raise ValueError("zo-sgd-sign takes one query per step")
             else:
-                if decay:
-                    grad.add_(piece, alpha=decay)
-                self._stateful(piece, grad, [b.view(-1)[start : start + CHUNK] for b in buffers])
+                self._stateful(piece, grad, decay, [b.view(-1)[start : start + CHUNK] for b in buffers])
 
     def _buffers(self, name: str, param: torch.Tensor) -> list[torch.Tensor]:
         keys = {"zo-sgd-mmt": ["m"], "zo-adam": ["m", "v"]}.get(self.method, [])
         return [self.state.setdefault(f"{k}:{name}", torch.zeros_like(param)) for k in keys]
 
-    def _stateful(self, piece: torch.Tensor, grad: torch.Tensor, buffers: list[torch.Tensor]) -> None:
+    def _sgd(self, piece: torch.Tensor, direction: torch.Tensor, decay: float, alpha: float) -> None:
+        """ZO-SGD on one chunk: weight decay as θ *= 1 - lr·wd (SGD's own), then θ += alpha·direction."""
+        if decay:
+            piece.mul_(1 - self.hyper.lr * decay)
+        piece.add_(direction, alpha=alpha)
+
+    def _stateful(self, piece: torch.Tensor, grad: torch.Tensor, decay: float, buffers: list[torch.Tensor]) -> None:
+        """ZO-SGD-MMT or ZO-Adam on one chunk of ĝ (``grad``, overwritten), with its state chunks ``buffers``."""
         h = self.hyper
+        if decay:  # torch.optim.SGD/Adam's (coupled) weight_decay: grad += wd·θ
+            grad.add_(piece, alpha=decay)
         if self.method == "zo-sgd-mmt":
             (buf,) = buffers
             # torch.optim.SGD: the first step copies the gradient into the buffer (no dampening).
