@@ -69,18 +69,13 @@ class ResidentRunner:
                 probes = self.zo.step_queries(
                     self.named, seed, lambda: self.forward_only(batch), self.config.zo_queries
                 )
-            if len(probes) == 1:
-                plus, minus, g = probes[0]
-                return {"loss": (plus + minus) / 2, "loss_plus": plus, "loss_minus": minus, "projected_grad": g}
-            # n-SPSA: the loss is the mean of the 2n probes; projected_grad is direction 0's (as with n = 1)
+            # The loss is the mean of the 2n probes; loss_plus/minus and projected_grad are direction 0's.
             losses = [value for plus, minus, _ in probes for value in (plus, minus)]
-            return {
-                "loss": sum(losses) / len(losses),
-                "loss_plus": probes[0][0],
-                "loss_minus": probes[0][1],
-                "projected_grad": probes[0][2],
-                "projected_grads": [g for _, _, g in probes],
-            }
+            plus, minus, g = probes[0]
+            record = {"loss": sum(losses) / len(losses), "loss_plus": plus, "loss_minus": minus, "projected_grad": g}
+            if len(probes) > 1:  # n-SPSA
+                record["projected_grads"] = [g for _, _, g in probes]
+            return record
         assert self.optimizer is not None
         self.model.train()
         loss = self.objective.loss(self.model, batch)
