@@ -54,3 +54,20 @@ def test_float32_and_other_norms_are_left_alone(arch: str, dtype: torch.dtype) -
     model = tiny(arch).to(dtype)
     assert fuse_norms(model) == 0
     assert not any("forward" in vars(m) for m in _norms(model))
+
+
+@pytest.mark.parametrize("width", [64, 576, 960])
+def test_the_layer_norm_form_equals_torch_rms_norm(width: int) -> None:
+    """RMSNorm computed as LayerNorm of ``[x, -x]`` (tiermem.norms): bit for bit ``torch.rms_norm`` in bf16, at
+    small, unit and large scales and any leading shape (Qwen3's per-head norms see (B, H, T, D))."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    generator = torch.Generator().manual_seed(width)
+    norm = LlamaRMSNorm(width)
+    norm.weight.data = 0.5 + torch.rand(width, generator=generator)
+    norm = norm.to(torch.bfloat16)
+    assert fuse_norms(norm) == 1
+    for scale, shape in [(1e-2, (1, 1)), (1.0, (3, 5)), (40.0, (2, 3, 4))]:
+        x = (torch.randn(*shape, width, generator=generator) * scale).to(torch.bfloat16)
+        out = norm(x)
+        assert out.is_contiguous() and torch.equal(out, torch.rms_norm(x, (width,), norm.weight, norm.variance_epsilon))
