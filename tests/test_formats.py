@@ -25,6 +25,7 @@ from tiermem.kvstore.quant_attention import int8_attention
 from tiermem.layer_info import describe_layers
 from tiermem.memory import REGISTRY, BudgetedPolicy, Policy, build
 from tiermem.memory.layer import attention, buffer_attention
+from tiermem.weights.fp16_head import fp16_gemm_available
 from tiermem.weights.fuse import fuse_projections
 from tiermem.weights.quant import (
     Int4WeightOnlyLinear,
@@ -321,8 +322,10 @@ def test_generate_reports_the_formats_that_ran(capsys: pytest.CaptureFixture[str
     code, out, _ = run_cli(capsys, *base, "--policy", "full", "--max-new-tokens", "3", "--json")  # --formats fast
     assert code == 0
     extra = json.loads(out)["extra"]
-    # A float checkpoint has no 4-bit layers: fast takes int8 weights (where the CPU has bfloat16).
-    fast = ("int8", "bfloat16", "int8") if cpu_has_bf16() else ("float32", "float32", "float32")
+    # A float checkpoint has no 4-bit layers: fast takes int8 weights (where the CPU has bfloat16), and the LM head
+    # in float16 where fbgemm has its GEMM.
+    head = " (head fp16)" if fp16_gemm_available() else ""
+    fast = ("int8" + head, "bfloat16", "int8") if cpu_has_bf16() else ("float32", "float32", "float32")
     assert (extra["weights_format"], extra["compute_dtype"], extra["kv_dtype"]) == fast
     flags = ["--dtype", "bfloat16", "--weights-quant", "int4", "--kv-dtype", "int8", "--policy", "full"]
     code, out, _ = run_cli(capsys, *base, *flags, "--max-new-tokens", "3", "--json")
@@ -344,3 +347,16 @@ def test_bad_format_flags_are_one_line_errors(capsys: pytest.CaptureFixture[str]
     assert_one_line_error(code, err, "needs --weights resident")
     code, _, err = run_cli(capsys, *base, "--weights-quant", "int8", "--dtype", "float16")
     assert_one_line_error(code, err, "needs --dtype float32 or bfloat16")
+
+
+def test_rope_of_a_query_key_pair_equals_two_rotations() -> None:
+    """A decode step rotates its queries and keys as one tensor (tiermem.rope.apply_rope_pair): the same bits."""
+    from tiermem.rope import apply_rope, apply_rope_pair
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype, t in [(torch.bfloat16, 1), (torch.float32, 1), (torch.bfloat16, 3)]:
+        q, k = (torch.randn(1, h, t, 64, generator=generator).to(dtype) for h in (9, 3))
+        angles = torch.randn(t, 32, generator=generator).repeat(1, 2)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        pair = apply_rope_pair(q, k, cos, sin)
+        assert torch.equal(pair[0], apply_rope(q, cos, sin)) and torch.equal(pair[1], apply_rope(k, cos, sin))

@@ -60,7 +60,9 @@ def _project(module: Any, info: LayerInfo, hidden_states: torch.Tensor) -> tuple
     batch, t, _ = hidden_states.shape
     shape = (batch, t, -1, info.head_dim)
     fused = fused_qkv(module)  # one GEMV for the three (tiermem.weights.fuse), when the loader fused them
-    if fused is not None:
+    if fused is not None and t == 1:  # a decode step: (B, 1, H*D) is (B, H, 1, D) by a view (one op, not two)
+        q, k, v = (x.view(batch, -1, 1, info.head_dim) for x in fused.split(hidden_states))
+    elif fused is not None:
         q, k, v = (x.reshape(shape).transpose(1, 2) for x in fused.split(hidden_states))
     else:
         q = module.q_proj(hidden_states).view(shape).transpose(1, 2)

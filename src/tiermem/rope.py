@@ -30,6 +30,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def apply_rope_pair(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`apply_rope` of queries (1, Hq, T, D) and keys (1, Hkv, T, D) at the same positions, as one rotation
+    of their heads side by side when T = 1 (a decode step: 8 operations instead of 12, the same values)."""
+    if q.shape[2] != 1 or q.dtype != k.dtype:
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    rotated = apply_rope(torch.cat((q, k), dim=1), cos, sin)
+    return rotated[:, : q.shape[1]], rotated[:, q.shape[1] :]
+
+
 def unapply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The inverse rotation of :func:`apply_rope` (rotating by minus the angles)."""
     return x * cos - rotate_half(x) * sin

@@ -20,6 +20,7 @@ import torch
 
 from tiermem.kvstore.quant import KVFormat
 from tiermem.layer_info import LayerInfo
+from tiermem.masking import visible_keys
 from tiermem.prefill_attention import causal_prefill
 
 # A bfloat16 model's decode step over at least this many keys converts them to bfloat16, not float32: half the bytes
@@ -46,10 +47,12 @@ def int8_attention(
     k_pos: torch.Tensor,
     info: LayerInfo,
     chunk_tokens: int | None = None,
+    past_only: bool = False,
 ) -> torch.Tensor:
     """Scaled dot-product attention of ``q`` (1, Hq, T, D) over int8 rows ``keys``/``values`` (1, Hkv, S, D + 4),
-    with GQA, causal and sliding-window masking by position (``q_pos`` (T,), ``k_pos`` (S,)) and soft-capping, as
-    :func:`tiermem.memory.layer.attention`. Returns (1, Hq, T, D) in ``q``'s dtype."""
+    with GQA, causal and sliding-window masking by position (``q_pos`` (T,), ``k_pos`` (S,);
+    ``past_only``: :func:`tiermem.masking.visible_keys`) and soft-capping, as :func:`tiermem.memory.layer.attention`.
+    Returns (1, Hq, T, D) in ``q``'s dtype."""
     _, hq, t, d = q.shape
     hkv, g, s = info.num_kv_heads, info.group_size, keys.shape[2]
     if t > 1:  # a prefill chunk in the plain causal layout decodes its rows into the fast path
@@ -60,14 +63,14 @@ def int8_attention(
     if s <= chunk:  # one chunk (every decode step up to 8k keys): one softmax, no running statistics
         half = t == 1 and q.dtype == torch.bfloat16 and s >= HALF_DECODE_MIN_KEYS
         grouped = (q if half else q.float()).reshape(1, hkv, g * t, d)
-        return _one_chunk(grouped, keys, values, fmt, q_pos, k_pos, info).view(1, hq, t, d).to(q.dtype)
+        return _one_chunk(grouped, keys, values, fmt, q_pos, k_pos, info, past_only).view(1, hq, t, d).to(q.dtype)
     grouped = q.float().reshape(1, hkv, g * t, d)  # query heads of one KV head are adjacent (GQA's layout)
     running_max = torch.full((1, hkv, g * t, 1), float("-inf"))
     running_sum = torch.zeros(1, hkv, g * t, 1)
     acc = torch.zeros(1, hkv, g * t, d)
     for start in range(0, s, chunk):
         end = min(s, start + chunk)
-        logits = _chunk_logits(grouped, keys[:, :, start:end], fmt, q_pos, k_pos[start:end], info)
+        logits = _chunk_logits(grouped, keys[:, :, start:end], fmt, q_pos, k_pos[start:end], info, past_only)
         v_int, v_scale = fmt.split(values[:, :, start:end])
         new_max = torch.maximum(running_max, logits.amax(dim=-1, keepdim=True))
         shift = new_max.masked_fill(new_max == float("-inf"), 0.0)  # rows that saw no visible key yet
@@ -80,7 +83,13 @@ def int8_attention(
 
 
 def _chunk_logits(
-    grouped: torch.Tensor, keys: torch.Tensor, fmt: KVFormat, q_pos: torch.Tensor, k_pos: torch.Tensor, info: LayerInfo
+    grouped: torch.Tensor,
+    keys: torch.Tensor,
+    fmt: KVFormat,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    info: LayerInfo,
+    past_only: bool = False,
 ) -> torch.Tensor:
     """Scaled, soft-capped and masked float32 logits (1, Hkv, G*T, C) of ``grouped`` queries (1, Hkv, G*T, D) over
     int8 ``keys`` (1, Hkv, C, D + 4) at positions ``k_pos`` (C,)."""
@@ -90,10 +99,8 @@ def _chunk_logits(
     logits = logits * (k_scale.transpose(-1, -2) * info.scaling)  # float32 from here on
     if info.softcap is not None:
         logits = torch.tanh(logits / info.softcap) * info.softcap
-    visible = k_pos[None, :] <= q_pos[:, None]  # (T, C)
-    if info.sliding_window is not None:
-        visible &= k_pos[None, :] > q_pos[:, None] - info.sliding_window
-    if not bool(visible.all()):
+    visible = visible_keys(q_pos, k_pos, info, past_only)  # (T, C), or None: every key visible to one query
+    if visible is not None and not bool(visible.all()):
         logits = logits.view(1, hkv, g, t, -1).masked_fill(~visible, float("-inf")).view(1, hkv, g * t, -1)
     return logits
 
@@ -106,11 +113,12 @@ def _one_chunk(
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,
     info: LayerInfo,
+    past_only: bool = False,
 ) -> torch.Tensor:
     """:func:`int8_attention` when all keys fit one chunk: ``grouped`` (1, Hkv, G*T, D) -> (1, Hkv, G*T, D) in
     ``grouped``'s dtype, which is also the one K and V are converted to (float32, or bfloat16 for a long decode
     step: :data:`HALF_DECODE_MIN_KEYS`); the softmax is float32 either way. The same arithmetic as the loop's first
     step in fewer operations (a decode step's Python and dispatch cost is per operation)."""
-    probs = _chunk_logits(grouped, keys, fmt, q_pos, k_pos, info).softmax(dim=-1)
+    probs = _chunk_logits(grouped, keys, fmt, q_pos, k_pos, info, past_only).softmax(dim=-1)
     v_int, v_scale = fmt.split(values)
     return (probs * v_scale.transpose(-1, -2)).to(grouped.dtype) @ v_int.to(grouped.dtype)

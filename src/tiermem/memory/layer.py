@@ -18,8 +18,9 @@ from tiermem.kvstore import make_buffer
 from tiermem.kvstore.dense import KVBuffer
 from tiermem.kvstore.quant_attention import int8_attention
 from tiermem.layer_info import LayerInfo
+from tiermem.masking import visible_keys
 from tiermem.prefill_attention import causal_prefill
-from tiermem.rope import apply_rope
+from tiermem.rope import apply_rope, apply_rope_pair
 
 DEFAULT_CHUNK_TOKENS = 512  # prefill chunk size unless the run says otherwise (GenerationConfig.chunk_size)
 
@@ -29,22 +30,25 @@ if TYPE_CHECKING:
 
 
 def attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, info: LayerInfo
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    info: LayerInfo,
+    past_only: bool = False,
 ) -> torch.Tensor:
     """Scaled dot-product attention of new queries over stored keys, with GQA and masking by position.
 
     Shapes: ``q`` (1, Hq, T, D); ``keys``/``values`` (1, Hkv, S, D); ``q_pos`` (T,) and ``k_pos`` (S,) are the
-    positions used for the causal (and sliding-window) rule. Returns (1, Hq, T, D). A decode step (T = 1) may pass
-    ``keys`` with more rows than ``values`` (a buffer's whole block, :meth:`KVBuffer.decode_keys`): rows past S are
-    ignored.
+    positions used for the causal (and sliding-window) rule (``past_only``: see :func:`visible_keys`). Returns
+    (1, Hq, T, D). A decode step (T = 1) may pass ``keys`` with more rows than ``values`` (a buffer's whole block,
+    :meth:`KVBuffer.decode_keys`): rows past S are ignored.
     """
     t = q.shape[2]
     if t > 1 and (fast := causal_prefill(q, keys, values, q_pos, k_pos, info)) is not None:
         return fast  # a prefill chunk in the plain causal layout: no (T, S) mask
-    visible = k_pos[None, :] <= q_pos[:, None]
-    if info.sliding_window is not None:
-        visible &= k_pos[None, :] > q_pos[:, None] - info.sliding_window
-    mask = None if t == 1 and bool(visible.all()) else visible
+    mask = visible_keys(q_pos, k_pos, info, past_only)
     if info.softcap is not None or (t == 1 and q.dtype != torch.float32):
         return _eager_attention(q, keys, values, mask, info)
     keys = keys[:, :, : values.shape[2]]  # a decode step may pass a whole block (see above)
@@ -52,10 +56,16 @@ def attention(
 
 
 def buffer_attention(
-    q: torch.Tensor, buffer: KVBuffer, q_pos: torch.Tensor, info: LayerInfo, k_pos: torch.Tensor | None = None
+    q: torch.Tensor,
+    buffer: KVBuffer,
+    q_pos: torch.Tensor,
+    info: LayerInfo,
+    k_pos: torch.Tensor | None = None,
+    past_only: bool = False,
 ) -> torch.Tensor:
     """:func:`attention` of ``q`` (1, Hq, T, D) over everything ``buffer`` holds, read in its storage format;
-    ``k_pos`` (S,) overrides the buffer's positions for masking (default: its first head's).
+    ``k_pos`` (S,) overrides the buffer's positions for masking (default: its first head's); ``past_only``: every
+    stored key is at or before the queries (:func:`tiermem.masking.visible_keys`).
 
     Rows stored as computed go straight to SDPA; rows in another float dtype are attended in that dtype (``q`` is
     cast to it, as llama.cpp converts Q to its F16 cache's type), so the cache is never widened; int8 rows are
@@ -65,12 +75,12 @@ def buffer_attention(
     k_pos = positions[0] if k_pos is None else k_pos
     fmt = buffer.format
     if fmt.quantized:
-        return int8_attention(q, keys, values, fmt, q_pos, k_pos, info)
+        return int8_attention(q, keys, values, fmt, q_pos, k_pos, info, past_only=past_only)
     if q.shape[2] == 1:
         keys = buffer.decode_keys()
     if fmt.plain:
-        return attention(q, keys, values, q_pos, k_pos, info)
-    return attention(q.to(keys.dtype), keys, values, q_pos, k_pos, info).to(q.dtype)
+        return attention(q, keys, values, q_pos, k_pos, info, past_only)
+    return attention(q.to(keys.dtype), keys, values, q_pos, k_pos, info, past_only).to(q.dtype)
 
 
 def _eager_attention(
@@ -229,7 +239,7 @@ class DenseLayer(TierLayer):
         """
         t = q.shape[2]
         cos, sin = self.info.rope.cos_sin_range(self.seen, t)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope_pair(q, k, cos, sin)
         q_pos = torch.arange(self.seen, self.seen + t)
         self.buffer.append(k, v, q_pos)
         self.seen += t
@@ -237,7 +247,7 @@ class DenseLayer(TierLayer):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, q_pos = self.append_rotated(q, k, v)
-        out = buffer_attention(q, self.buffer, q_pos, self.info)
+        out = buffer_attention(q, self.buffer, q_pos, self.info, past_only=True)  # keys at their own positions
         self.after_attend(q)
         return out
 
