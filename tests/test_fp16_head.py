@@ -78,3 +78,10 @@ def test_the_resident_loader_builds_the_fp16_head(tiny_model_dir: Path) -> None:
     with torch.no_grad():
         logits = lm.model(input_ids=ids).logits
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_a_large_vocabulary_head_stays_int8(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny("llama")
+    monkeypatch.setattr(quant, "FP16_HEAD_MAX_BYTES", model.lm_head.weight.numel() * 2 - 1)  # one byte too small
+    report = quantize_weights(model, "auto", 32, {})
+    assert isinstance(model.lm_head, Int8WeightOnlyLinear) and report.head == "int8"

@@ -33,6 +33,9 @@ from tiermem.weights.fp16_head import Fp16Linear, fp16_gemm_available
 
 WEIGHT_QUANTS = ("none", "int8", "int4", "auto")  # auto: int4 where the GGUF source is Q4_1 (tiermem.formats)
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+# The float16 head holds twice the int8 head's bytes. Up to this size that is a few percent of a process's memory
+# (SmolLM2: 54 MiB, +27 MiB); a large vocabulary's table stays int8 (Gemma3-270M: 320 MiB in float16, +160 MiB).
+FP16_HEAD_MAX_BYTES = 128 * 2**20
 DEFAULT_INT4_GROUP = 32  # gpt-fast's command-line default; 128 is coarser and cannot split SmolLM2's 576 evenly
 
 
@@ -262,15 +265,17 @@ def _module_mode(mode: str, qualified: str, per_module: dict[str, str]) -> str:
     return per_module.get(rest, "int8") if found else "int8"
 
 
-def head_format(mode: str) -> str:
+def head_format(mode: str, head: nn.Linear) -> str:
     """The LM head's format under ``mode``: ``fp16`` (fbgemm's fp16 GEMM, :mod:`tiermem.weights.fp16_head`) under
-    ``auto`` where this PyTorch has it, else ``int8`` (every explicit mode keeps gpt-fast's int8 head)."""
-    return "fp16" if mode == "auto" and fp16_gemm_available() else "int8"
+    ``auto`` where this PyTorch has it and the float16 table is at most :data:`FP16_HEAD_MAX_BYTES`, else ``int8``
+    (every explicit mode keeps gpt-fast's int8 head)."""
+    small = head.weight.numel() * torch.float16.itemsize <= FP16_HEAD_MAX_BYTES
+    return "fp16" if mode == "auto" and small and fp16_gemm_available() else "int8"
 
 
 def quantize_head_module(head: nn.Linear, mode: str) -> nn.Module:
     """The LM head's replacement under ``mode`` (:func:`head_format`)."""
-    return Fp16Linear(head) if head_format(mode) == "fp16" else Int8WeightOnlyLinear(head)
+    return Fp16Linear(head) if head_format(mode, head) == "fp16" else Int8WeightOnlyLinear(head)
 
 
 def quantize_weights(
@@ -299,7 +304,7 @@ def quantize_weights(
             swapped: nn.Module
             if child is head:
                 swapped = quantize_head_module(child, mode)
-                head_kind = head_format(mode)
+                head_kind = head_format(mode, child)
             elif _module_mode(mode, qualified, per_module or {}) == "int8":
                 swapped = Int8WeightOnlyLinear(child)
             else:

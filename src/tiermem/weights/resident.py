@@ -60,7 +60,7 @@ def quantize_head(model: Any, mode: str) -> QuantReport | None:
     if type(head) is not nn.Linear or head.bias is not None:
         return None
     table = head.weight.detach()
-    kind = head_format(mode)
+    kind = head_format(mode, head)
     stacked: nn.Module
     if kind == "fp16":
         stacked = Fp16Linear(head)
