@@ -43,7 +43,8 @@ class Fused:
         for part, now, pointer in zip(self.parts, current, self.pointers, strict=True):
             if part is not now or now._forward_hooks or now._forward_pre_hooks:
                 return False
-            if now.weight.data_ptr() != pointer:
+            weight = now._buffers.get("weight")  # the buffer dict, not Module.__getattr__ (this runs every step)
+            if weight is None or weight.data_ptr() != pointer:  # replaced, or re-registered as a Parameter
                 return False
         return True
 
