@@ -126,7 +126,6 @@ def weight_bytes_per_token(model: Any) -> int:
     the LM head does not read it (the lookup reads one row). Tied float weights count once."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    total += sum(int(getattr(m, "nbytes", 0)) for m in model.modules())  # packed weights (an fp16 LM head)
     table = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     if getattr(head, "weight", None) is not table:
@@ -135,16 +134,10 @@ def weight_bytes_per_token(model: Any) -> int:
 
 
 def worker_tiermem(
-    row: dict[str, Any],
-    steps: int,
-    threads: int,
-    policy_name: str,
-    fast: bool = False,
-    kv_dtype: str | None = None,
-    weights_quant: str | None = None,
+    row: dict[str, Any], steps: int, threads: int, policy_name: str, fast: bool = False, kv_dtype: str | None = None
 ) -> dict[str, Any]:
     """tiermem's ``generate`` on the row; ``fast``: in the formats ``--formats fast`` picks (bf16, weights in the
-    checkpoint's bits, int8 KV), else float32; ``kv_dtype`` and ``weights_quant`` override the preset's."""
+    checkpoint's bits, int8 KV), else float32; ``kv_dtype`` overrides the preset's KV format."""
     import argparse
 
     import torch
@@ -158,9 +151,7 @@ def worker_tiermem(
 
     torch.set_num_threads(threads)
     engine.stop_token_ids = lambda lm: set()  # ignore EOS: every system does exactly `steps` decode forwards
-    preset = argparse.Namespace(
-        formats="fast" if fast else "exact", dtype=None, weights_quant=weights_quant, kv_dtype=kv_dtype
-    )
+    preset = argparse.Namespace(formats="fast" if fast else "exact", dtype=None, weights_quant=None, kv_dtype=kv_dtype)
     apply_preset(preset)
     lm = load("smollm2", preset.dtype, weights_quant=preset.weights_quant)
     store = StoreConfig(kv_dtype=preset.kv_dtype)

@@ -81,7 +81,6 @@ SYSTEMS = {
     "fast-snapkv": "tiermem snapkv@512 (default formats)",
     "fast-kvbf16": "tiermem full (defaults, bf16 KV)",
     "fast-kvf32": "tiermem full (defaults, fp32 KV)",
-    "fast-head8": "tiermem full (defaults, int8 head)",
     "hf": "HF generate (fp32)",
 }
 RESULT_TAG = "RESULT "
@@ -143,8 +142,6 @@ WORKERS = {
     "fast-snapkv": lambda row, a: worker_tiermem(row, a.steps, a.threads, "snapkv", fast=True),
     "fast-kvbf16": lambda row, a: worker_tiermem(row, a.steps, a.threads, "full", fast=True, kv_dtype="bfloat16"),
     "fast-kvf32": lambda row, a: worker_tiermem(row, a.steps, a.threads, "full", fast=True, kv_dtype="float32"),
-    # SmolLM2's layers are all Q4_1, so int4 everywhere is the defaults' layers with the LM head in int8
-    "fast-head8": lambda row, a: worker_tiermem(row, a.steps, a.threads, "full", fast=True, weights_quant="int4"),
     "hf": lambda row, a: worker_hf(row, a.steps, a.threads),
     "profile": lambda row, a: worker_profile(row, a.steps, a.threads),
 }

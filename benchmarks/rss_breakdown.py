@@ -83,8 +83,6 @@ def tensor_kinds(model: Any) -> dict[str, float]:
 
     head = model.get_output_embeddings()
     kinds: dict[str, float] = {}
-    if getattr(head, "nbytes", 0):  # packed outside parameters and buffers (the fp16 LM head)
-        kinds["fp16 LM head (packed)"] = head.nbytes / MIB
     seen: set[int] = set()
     for mod_name, module in model.named_modules():
         for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:

@@ -14,7 +14,6 @@ from torch import nn
 from tests.conftest import tiny
 from tiermem import formats
 from tiermem.formats import GGUF_TYPES_FILE, apply_preset, weight_modes
-from tiermem.weights.fp16_head import Fp16Linear, fp16_gemm_available
 from tiermem.weights.quant import (
     DEQUANTIZE_ROWS,
     Int4WeightOnlyLinear,
@@ -49,15 +48,11 @@ def test_auto_quantizes_each_layer_as_its_source() -> None:
     assert isinstance(model.model.layers[0].self_attn.q_proj, Int4WeightOnlyLinear)
     assert isinstance(model.model.layers[0].mlp.up_proj, Int8WeightOnlyLinear)
     assert isinstance(model.model.layers[layers - 1].mlp.down_proj, Int8WeightOnlyLinear)
-    head = " (head fp16)" if fp16_gemm_available() else ""  # auto's head: float16 where fbgemm has its GEMM
-    assert isinstance(model.lm_head, Fp16Linear if head else Int8WeightOnlyLinear)
-    assert (report.int4_modules, report.label) == (2, "int4-g32+int8" + head)
+    assert isinstance(model.lm_head, Int8WeightOnlyLinear)
+    assert (report.int4_modules, report.label) == (2, "int4-g32+int8")
     every = {f"{i}.{name}": "int4" for i in range(layers) for name in formats.GGUF_LINEAR_NAMES.values()}
-    assert quantize_weights(tiny("llama"), "auto", 32, every).label == "int4-g32" + head  # the head alone not int4
-    assert quantize_weights(tiny("llama"), "auto", 32, {}).label == "int8" + head
-    explicit = tiny("llama")
-    assert quantize_weights(explicit, "int4", 32).label == "int4-g32"  # explicit modes keep gpt-fast's int8 head
-    assert isinstance(explicit.lm_head, Int8WeightOnlyLinear)
+    assert quantize_weights(tiny("llama"), "auto", 32, every).label == "int4-g32"  # the head alone in int8
+    assert quantize_weights(tiny("llama"), "auto", 32, {}).label == "int8"
 
 
 def _preset(formats_name: str, **given: str | None) -> argparse.Namespace:
@@ -94,7 +89,7 @@ def test_load_auto_reads_the_recorded_source_types(tiny_model_dir: Path) -> None
         (tiny_model_dir / GGUF_TYPES_FILE).unlink()
     mlp = lm.model.model.layers[0].mlp
     assert isinstance(mlp.gate_proj, Int4WeightOnlyLinear) and isinstance(mlp.up_proj, Int8WeightOnlyLinear)
-    assert lm.weights_format == "int4-g32+int8" + (" (head fp16)" if fp16_gemm_available() else "")
+    assert lm.weights_format == "int4-g32+int8"
 
 
 @pytest.mark.parametrize(("n", "k"), [(64, 128), (192, 576), (128, 96)])

@@ -25,7 +25,6 @@ from tiermem.kvstore.quant_attention import int8_attention
 from tiermem.layer_info import describe_layers
 from tiermem.memory import REGISTRY, BudgetedPolicy, Policy, build
 from tiermem.memory.layer import attention, buffer_attention
-from tiermem.weights.fp16_head import fp16_gemm_available
 from tiermem.weights.fuse import fuse_projections
 from tiermem.weights.quant import (
     Int4WeightOnlyLinear,
@@ -322,10 +321,8 @@ def test_generate_reports_the_formats_that_ran(capsys: pytest.CaptureFixture[str
     code, out, _ = run_cli(capsys, *base, "--policy", "full", "--max-new-tokens", "3", "--json")  # --formats fast
     assert code == 0
     extra = json.loads(out)["extra"]
-    # A float checkpoint has no 4-bit layers: fast takes int8 weights (where the CPU has bfloat16), and the LM head
-    # in float16 where fbgemm has its GEMM.
-    head = " (head fp16)" if fp16_gemm_available() else ""
-    fast = ("int8" + head, "bfloat16", "int8") if cpu_has_bf16() else ("float32", "float32", "float32")
+    # A float checkpoint has no 4-bit layers: fast takes int8 weights (where the CPU has bfloat16).
+    fast = ("int8", "bfloat16", "int8") if cpu_has_bf16() else ("float32", "float32", "float32")
     assert (extra["weights_format"], extra["compute_dtype"], extra["kv_dtype"]) == fast
     flags = ["--dtype", "bfloat16", "--weights-quant", "int4", "--kv-dtype", "int8", "--policy", "full"]
     code, out, _ = run_cli(capsys, *base, *flags, "--max-new-tokens", "3", "--json")

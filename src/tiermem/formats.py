@@ -13,8 +13,7 @@ default"); ``--formats exact`` is the float32 model as loaded, and ``--dtype``, 
   layer stored as GGUF Q4_1 (per 32 values ``d * q + m``, ``q`` in 0..15, with the block's minimum at code 0 and its
   maximum at code 15) runs on the int4 kernel in groups of 32, whose min/max codes then land on the same 16 values
   (up to the bfloat16 rounding of scale and zero point);
-  every other layer on the per-channel int8 kernel (:mod:`tiermem.weights.quant`), and the LM head in float16 on
-  fbgemm's fp16 GEMM (:mod:`tiermem.weights.fp16_head`; int8 where PyTorch lacks fbgemm). Q4_0 and Q4_K
+  every other layer and the LM head on the per-channel int8 kernel (:mod:`tiermem.weights.quant`). Q4_0 and Q4_K
   are 4-bit too, but their codes need not reach both ends of the block (Q4_0 is symmetric, Q4_K's scales are
   searched), so a min/max re-coding adds a second rounding: measured on Gemma3-270M's Q4_K layers, +5.3%
   perplexity against -0.1% in int8;

@@ -29,13 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tiermem.errors import TiermemError
-from tiermem.weights.fp16_head import Fp16Linear, fp16_gemm_available
 
 WEIGHT_QUANTS = ("none", "int8", "int4", "auto")  # auto: int4 where the GGUF source is Q4_1 (tiermem.formats)
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-# The float16 head holds twice the int8 head's bytes. Up to this size that is a few percent of a process's memory
-# (SmolLM2: 54 MiB, +27 MiB); a large vocabulary's table stays int8 (Gemma3-270M: 320 MiB in float16, +160 MiB).
-FP16_HEAD_MAX_BYTES = 128 * 2**20
 DEFAULT_INT4_GROUP = 32  # gpt-fast's command-line default; 128 is coarser and cannot split SmolLM2's 576 evenly
 
 
@@ -228,23 +224,18 @@ class QuantReport:
     bytes_before: int
     bytes_after: int
     int4_modules: int = 0
-    head: str = "int8"  # the LM head's format: int8, or fp16 under ``auto`` (tiermem.weights.fp16_head)
 
     @property
     def label(self) -> str:
-        """``none``, ``int8``, ``int4-g32`` (the LM head in int8, as always) or, for a mix, ``int4-g32+int8``;
-        `` (head fp16)`` appended when the head is held in float16."""
-        suffix = " (head fp16)" if self.head == "fp16" else ""
+        """``none``, ``int8``, ``int4-g32`` (the LM head in int8, as always) or, for a mix, ``int4-g32+int8``."""
         if self.int4_modules == 0:
-            return ("int8" if self.modules else "none") + suffix
-        mixed = self.int4_modules < self.modules - 1  # the head is not int4 in any mode
-        return f"int4-g{self.group_size}" + ("+int8" if mixed else "") + suffix
+            return "int8" if self.modules else "none"
+        mixed = self.int4_modules < self.modules - 1  # the head is int8 under int4 too
+        return f"int4-g{self.group_size}" + ("+int8" if mixed else "")
 
 
-def tensor_bytes(module: nn.Module) -> int:
-    """Weight bytes of ``module``: parameters, buffers and packed weights that are neither (``nbytes``)."""
-    tensors = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-    return tensors + int(getattr(module, "nbytes", 0))
+def _tensor_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
 def check_weight_quant(mode: str, group_size: int) -> None:
@@ -265,27 +256,13 @@ def _module_mode(mode: str, qualified: str, per_module: dict[str, str]) -> str:
     return per_module.get(rest, "int8") if found else "int8"
 
 
-def head_format(mode: str, head: nn.Linear) -> str:
-    """The LM head's format under ``mode``: ``fp16`` (fbgemm's fp16 GEMM, :mod:`tiermem.weights.fp16_head`) under
-    ``auto`` where this PyTorch has it and the float16 table is at most :data:`FP16_HEAD_MAX_BYTES`, else ``int8``
-    (every explicit mode keeps gpt-fast's int8 head)."""
-    small = head.weight.numel() * torch.float16.itemsize <= FP16_HEAD_MAX_BYTES
-    return "fp16" if mode == "auto" and small and fp16_gemm_available() else "int8"
-
-
-def quantize_head_module(head: nn.Linear, mode: str) -> nn.Module:
-    """The LM head's replacement under ``mode`` (:func:`head_format`)."""
-    return Fp16Linear(head) if head_format(mode, head) == "fp16" else Int8WeightOnlyLinear(head)
-
-
 def quantize_weights(
     model: nn.Module, mode: str, group_size: int = DEFAULT_INT4_GROUP, per_module: dict[str, str] | None = None
 ) -> QuantReport:
     """Replace every ``nn.Linear`` in ``model`` by its ``mode`` quantized form, in place (``none``: nothing).
 
     ``auto`` takes each decoder Linear's mode from ``per_module`` (:func:`tiermem.formats.weight_modes`: int4 where
-    the checkpoint stores 4 bits) and int8 for the rest. The LM head is int8, or float16 under ``auto``
-    (:func:`head_format`).
+    the checkpoint stores 4 bits) and int8 for the rest. The LM head is int8 in every mode.
     """
     check_weight_quant(mode, group_size)
     if mode == "none":
@@ -293,7 +270,6 @@ def quantize_weights(
     if any(p.dtype not in (torch.float32, torch.bfloat16) for p in model.parameters()):
         raise TiermemError(f"--weights-quant {mode} needs --dtype float32 or bfloat16 (the kernels' activations)")
     before = after = count = int4 = 0
-    head_kind = "int8"
     get_head = getattr(model, "get_output_embeddings", None)  # an HF model's LM head; None for other modules
     head = get_head() if callable(get_head) else None
     for parent_name, parent in list(model.named_modules()):
@@ -302,16 +278,13 @@ def quantize_weights(
                 continue
             qualified = f"{parent_name}.{name}" if parent_name else name
             swapped: nn.Module
-            if child is head:
-                swapped = quantize_head_module(child, mode)
-                head_kind = head_format(mode, child)
-            elif _module_mode(mode, qualified, per_module or {}) == "int8":
+            if child is head or _module_mode(mode, qualified, per_module or {}) == "int8":
                 swapped = Int8WeightOnlyLinear(child)
             else:
                 swapped = Int4WeightOnlyLinear(child, group_size)
                 int4 += 1
-            before += tensor_bytes(child)
-            after += tensor_bytes(swapped)
+            before += _tensor_bytes(child)
+            after += _tensor_bytes(swapped)
             count += 1
             setattr(parent, name, swapped)
-    return QuantReport(mode, group_size if int4 else None, count, before, after, int4, head_kind)
+    return QuantReport(mode, group_size if int4 else None, count, before, after, int4)

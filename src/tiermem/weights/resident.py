@@ -16,9 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 from transformers.initialization import no_init_weights
 
 from tiermem.formats import source_types, weight_modes
-from tiermem.weights.fp16_head import Fp16Linear
 from tiermem.weights.loaders import read_tensor_into
-from tiermem.weights.quant import Int8WeightOnlyLinear, QuantReport, head_format, quantize_weights, tensor_bytes
+from tiermem.weights.quant import Int8WeightOnlyLinear, QuantReport, quantize_weights
 from tiermem.weights.shards import group_of, read_header
 
 HEAD_ROWS = 4096  # the LM head is quantized this many output rows at a time (quantize_head)
@@ -48,37 +47,32 @@ def _layer_view(model: Any, index: int) -> nn.Module:
     return holder
 
 
-def quantize_head(model: Any, mode: str) -> QuantReport | None:
-    """The LM head as :func:`quantize_weights` makes it under ``mode``, built without a float32 copy of the whole
-    table; None when the head is not a plain bias-free ``nn.Linear``.
+def quantize_head(model: Any) -> QuantReport | None:
+    """The LM head in int8 (as :func:`quantize_weights` makes it, every mode) :data:`HEAD_ROWS` output rows at a
+    time, then stacked; None when the head is not a plain bias-free ``nn.Linear``.
 
-    int8: :data:`HEAD_ROWS` output rows at a time, then stacked (per-channel int8 treats each row on its own, so
-    the result is the same tensors; quantizing the whole head at once holds several float32 copies of it, 4 x 113 MB
-    for SmolLM2's 49152 x 576 table: the load's peak). float16: packed in blocks by :class:`Fp16Linear` itself.
+    Per-channel int8 treats each row on its own, so the result is the same tensors; quantizing the whole head at
+    once holds several float32 copies of it (4 x 113 MB for SmolLM2's 49152 x 576 table: the load's peak).
     """
     head = model.get_output_embeddings()
     if type(head) is not nn.Linear or head.bias is not None:
         return None
     table = head.weight.detach()
-    kind = head_format(mode, head)
-    stacked: nn.Module
-    if kind == "fp16":
-        stacked = Fp16Linear(head)
-    else:
-        parts = []
-        for start in range(0, head.out_features, HEAD_ROWS):
-            rows = nn.Linear(head.in_features, 1, bias=False, device="meta", dtype=table.dtype)
-            rows.weight = nn.Parameter(table[start : start + HEAD_ROWS], requires_grad=False)  # a view: no copy
-            rows.out_features = rows.weight.shape[0]
-            parts.append(Int8WeightOnlyLinear(rows))
-        stacked = Int8WeightOnlyLinear.concatenated(parts)
-        del parts
+    parts = []
+    for start in range(0, head.out_features, HEAD_ROWS):
+        rows = nn.Linear(head.in_features, 1, bias=False, device="meta", dtype=table.dtype)
+        rows.weight = nn.Parameter(table[start : start + HEAD_ROWS], requires_grad=False)  # a view: no copy
+        rows.out_features = rows.weight.shape[0]
+        parts.append(Int8WeightOnlyLinear(rows))
+    stacked = Int8WeightOnlyLinear.concatenated(parts)
+    del parts
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if child is head:
                 setattr(parent, name, stacked)
     before = table.numel() * table.element_size()
-    return QuantReport(kind, None, 1, before, tensor_bytes(stacked), head=kind)
+    after = sum(t.numel() * t.element_size() for t in (stacked.weight, stacked.scales))
+    return QuantReport("int8", None, 1, before, after)
 
 
 def load_resident(
@@ -137,7 +131,7 @@ def load_resident(
         for handle in handles.values():
             handle.close()
     del targets
-    head = quantize_head(model, weights_quant) if weights_quant != "none" else None
+    head = quantize_head(model) if weights_quant != "none" else None
     reports += [head] if head is not None else []
     reports.append(quantize_weights(model, weights_quant, quant_group, per_module))  # any Linear left
     int4 = sum(r.int4_modules for r in reports)
@@ -148,7 +142,6 @@ def load_resident(
         sum(r.bytes_before for r in reports),
         sum(r.bytes_after for r in reports),
         int4,
-        head.head if head is not None else "int8",
     )
     generation = source / "generation_config.json"
     if generation.is_file():  # from_pretrained reads it too (stop tokens)
