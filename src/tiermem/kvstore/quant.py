@@ -57,10 +57,13 @@ class KVFormat:
         """Rows ``x`` (..., D) in any float dtype -> stored rows (..., row_width)."""
         if not self.quantized:
             return x.to(self.storage_dtype)
-        x = x.float()
-        scale = (x.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # (..., 1)
-        q = torch.round(x / scale).clamp(-127, 127).to(torch.int8)
-        return torch.cat([q, scale.contiguous().view(torch.int8)], dim=-1)
+        # Five operations fewer than the plain form (a decode step appends in every layer): the largest |x| in one
+        # kernel, computed in float32 (exact: a maximum rounds nothing); x / scale is float32 by type promotion;
+        # |x / scale| <= 127 by the scale's construction, so the rounded values need no clamp.
+        amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True, dtype=torch.float32)  # (..., 1)
+        scale = (amax / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        q = torch.round(x / scale).to(torch.int8)
+        return torch.cat([q, scale.view(torch.int8)], dim=-1)
 
     def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """int8 stored rows (..., D + 4) -> int8 values (..., D) and float32 scales (..., 1), both views."""
