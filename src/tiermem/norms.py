@@ -6,8 +6,9 @@ the input dtype, times the weight), twice per layer; a decode step's cost is lar
 CPU kernel, and RMSNorm is LayerNorm of a row whose mean is zero: for ``z = [x, -x]`` (2D values) the mean is 0 and
 the variance is ``mean(x^2)``, so ``layer_norm(z, weight=[w, w])[:D] = x / sqrt(mean(x^2) + eps) * w``. Four
 operations (the weight and the row each doubled by a concatenation, one layer_norm) and a view; on probes it equals
-``torch.rms_norm`` bit for bit (tests/test_norms.py), in about half the time (BENCHMARKS.md, "Fewer operations per
-decode step").
+``torch.rms_norm`` bit for bit (tests/test_norms.py), in about half the time alone (11 against 21-29 us, one row of
+576) and 3-8% of a 512-token decode step (BENCHMARKS.md, "Fewer operations per decode step, and an fp16 LM head
+tried and dropped").
 
 Departure from transformers, bf16 only: it rounds once (the normalised value times the weight, computed in float32),
 where transformers rounds the normalised value to bf16 and then rounds its product with the weight again. On a
