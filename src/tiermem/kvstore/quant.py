@@ -57,7 +57,7 @@ class KVFormat:
         """Rows ``x`` (..., D) in any float dtype -> stored rows (..., row_width)."""
         if not self.quantized:
             return x.to(self.storage_dtype)
-        # Five operations fewer than the plain form (a decode step appends in every layer): the largest |x| in one
+        # Four operations fewer than the plain form (a decode step appends in every layer): the largest |x| in one
         # kernel, computed in float32 (exact: a maximum rounds nothing); x / scale is float32 by type promotion;
         # |x / scale| <= 127 by the scale's construction, so the rounded values need no clamp.
         amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True, dtype=torch.float32)  # (..., 1)
