@@ -10,8 +10,8 @@ from tiermem.layer_info import LayerInfo
 def visible_keys(
     q_pos: torch.Tensor, k_pos: torch.Tensor, info: LayerInfo, past_only: bool = False
 ) -> torch.Tensor | None:
-    """Mask (T, S) of the keys at positions ``k_pos`` (S,) each query at ``q_pos`` (T,) sees, or None when one query
-    sees them all.
+    """Mask (T, S) of the keys at positions ``k_pos`` (S,) each query at ``q_pos`` (T,) sees, or None when every
+    query sees them all.
 
     ``past_only``: the caller knows every key sits at or before the query (a full-attention layer's decode step over
     its own tokens), so a single query without a sliding window skips the check (a comparison, an ``all`` and a
@@ -22,4 +22,4 @@ def visible_keys(
     visible = k_pos[None, :] <= q_pos[:, None]
     if info.sliding_window is not None:
         visible &= k_pos[None, :] > q_pos[:, None] - info.sliding_window
-    return None if q_pos.shape[0] == 1 and bool(visible.all()) else visible
+    return None if bool(visible.all()) else visible

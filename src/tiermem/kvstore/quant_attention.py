@@ -99,8 +99,8 @@ def _chunk_logits(
     logits = logits * (k_scale.transpose(-1, -2) * info.scaling)  # float32 from here on
     if info.softcap is not None:
         logits = torch.tanh(logits / info.softcap) * info.softcap
-    visible = visible_keys(q_pos, k_pos, info, past_only)  # (T, C), or None: every key visible to one query
-    if visible is not None and not bool(visible.all()):
+    visible = visible_keys(q_pos, k_pos, info, past_only)  # (T, C), or None: every key visible to every query
+    if visible is not None:
         logits = logits.view(1, hkv, g, t, -1).masked_fill(~visible, float("-inf")).view(1, hkv, g * t, -1)
     return logits
 
