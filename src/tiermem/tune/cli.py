@@ -40,6 +40,9 @@ def add_tune_parser(sub: Any) -> None:
     tune.add_argument("--keep-best", action="store_true", help="end on the best dev evaluation (needs --eval-every)")
     tune.add_argument("--lr-schedule", default="constant", help="constant (MeZO's) or linear decay to 0")
     tune.add_argument("--zo-queries", type=int, default=1, help="n-SPSA: ZO directions averaged per step (MeZO: 1)")
+    tune.add_argument(
+        "--zo-noise", default="gaussian", help="gaussian (MeZO's draw) or table (a shared noise table: faster steps)"
+    )
     tune.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
 
 
@@ -77,6 +80,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         keep_best=args.keep_best,
         lr_schedule=args.lr_schedule,
         zo_queries=args.zo_queries,
+        zo_noise=args.zo_noise,
     )
     result = tune(config, progress=not args.json and sys.stderr.isatty())
     if args.json:

@@ -12,6 +12,8 @@ Methods (``--method``):
 Model selection (:mod:`tiermem.tune.select`): ``eval_every`` evaluates a dev split every N steps, ``keep_best`` ends
 on the best of those evaluations (MeZO's ``--load_best_model_at_end``), ``lr_schedule`` is ``constant`` (MeZO's) or
 ``linear`` decay. ``zo_queries`` = n > 1 is MeZO's n-SPSA (n directions averaged per step, :mod:`tiermem.tune.zo`).
+``zo_noise`` is ``gaussian`` (MeZO's fresh draw) or ``table`` (evolution strategies' shared noise table, 64 MiB:
+:mod:`tiermem.tune.perturb`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tiermem.errors import TiermemError
+from tiermem.tune.perturb import NOISE_KINDS
 from tiermem.tune.select import SCHEDULES
 from tiermem.tune.zo import ZO_DEFAULTS, ZO_METHODS, ZOHyper
 
@@ -27,7 +30,7 @@ BACKPROP_LR = {"adamw": 1e-5, "lora": 1e-4}
 METHODS = (*ZO_METHODS, "zo-lora", "adamw", "lora")
 WEIGHTS = ("resident", "stream")
 # Settings that :meth:`TuneConfig.settings` records only when not at these defaults (older checkpoints lack them).
-OPTIONAL_SETTINGS: dict[str, object] = {"lr_schedule": "constant", "zo_queries": 1}
+OPTIONAL_SETTINGS: dict[str, object] = {"lr_schedule": "constant", "zo_queries": 1, "zo_noise": "gaussian"}
 
 
 @dataclass
@@ -57,6 +60,7 @@ class TuneConfig:
     keep_best: bool = False  # end on the best dev evaluation's weights (needs eval_every)
     lr_schedule: str = "constant"  # or "linear" (decay to 0 at the last step)
     zo_queries: int = 1  # n-SPSA (MeZO's Definition 1): directions averaged per ZO step; MeZO's default is 1
+    zo_noise: str = "gaussian"  # or "table": z from a shared noise table (faster; :mod:`tiermem.tune.perturb`)
 
     @property
     def zo(self) -> bool:
@@ -104,6 +108,7 @@ class TuneConfig:
             # only when set, so that checkpoints written before the option resume unchanged
             **({"lr_schedule": self.lr_schedule} if self.lr_schedule != "constant" else {}),
             **({"zo_queries": self.zo_queries} if self.zo_queries != 1 else {}),
+            **({"zo_noise": self.zo_noise} if self.zo_noise != "gaussian" else {}),
         }
 
     def validate(self) -> None:
@@ -138,6 +143,10 @@ class TuneConfig:
         self._validate_selection()
 
     def _validate_queries(self) -> None:
+        if self.zo_noise not in NOISE_KINDS:
+            raise TiermemError(f"unknown --zo-noise '{self.zo_noise}': use one of {', '.join(NOISE_KINDS)}")
+        if self.zo_noise != "gaussian" and not self.zo:
+            raise TiermemError(f"--zo-noise applies to zeroth-order methods, not {self.method}")
         if self.zo_queries < 1:
             raise TiermemError(f"--zo-queries must be at least 1, got {self.zo_queries}")
         if self.zo_queries == 1:

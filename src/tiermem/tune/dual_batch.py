@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from tiermem.tune.perturb import CHUNK, chunk_noise
+from tiermem.tune.perturb import CHUNK, GAUSSIAN, Noise
 
 
 def _halves(value: Any, rows: int) -> tuple[Any, Any]:
@@ -32,7 +32,9 @@ def split_call(args: tuple[Any, ...], kwargs: dict[str, Any], rows: int) -> list
 
 
 @torch.no_grad()
-def add_noise_keeping_rows(param: torch.Tensor, seed: int, name: str, scale: float, rows: torch.Tensor) -> torch.Tensor:
+def add_noise_keeping_rows(
+    param: torch.Tensor, seed: int, name: str, scale: float, rows: torch.Tensor, source: Noise = GAUSSIAN
+) -> torch.Tensor:
     """:func:`add_noise_` on ``param`` (V, H), returning z's rows ``rows`` (sorted, shape (n,)) as an (n, H) tensor.
 
     The same chunks and the same ``add_`` as :func:`add_noise_` (keep the two loops alike), so ``param`` ends bitwise
@@ -43,7 +45,7 @@ def add_noise_keeping_rows(param: torch.Tensor, seed: int, name: str, scale: flo
     taken = torch.empty(elements.numel(), dtype=param.dtype)
     for c, start in enumerate(range(0, flat.numel(), CHUNK)):
         piece = flat[start : start + CHUNK]
-        z = chunk_noise(seed, name, c, piece.numel(), param.dtype)
+        z = source.chunk(seed, name, c, piece.numel(), param.dtype)
         piece.add_(z, alpha=scale)
         lo, hi = torch.searchsorted(elements, torch.tensor([start, start + piece.numel()])).tolist()
         taken[lo:hi] = z[elements[lo:hi] - start]

@@ -14,12 +14,24 @@ The directions have the same distribution (i.i.d. standard normal), but
   equal;
 - the extra memory is one chunk (4 MiB in float32) rather than one whole tensor (SmolLM2's tied embedding is 113 MB);
 - the global RNG is left alone, so dropout or sampling elsewhere does not shift the directions.
+
+Drawing z costs more than the step's forward passes on a CPU: PyTorch's ``randn`` draws about 100 M float32 values
+per second on one core (its Mersenne Twister is scalar), so the four passes over SmolLM2's 135 M weights of a MeZO
+step (+ε, −2ε, restore, update) take ~5 s against ~3.5 s for its two forwards. :class:`NoiseTable` (``--zo-noise
+table``, a named option; MeZO's Gaussian draw stays the default) is the shared noise table of evolution strategies
+(Salimans et al., "Evolution Strategies as a Scalable Alternative to Reinforcement Learning", 2017, section 2.1): one
+table of i.i.d. N(0, 1) values is drawn once, and each chunk of z is a window of it at an offset, with a sign,
+drawn from (step seed, tensor name, chunk index); a perturbation is then one ``add_`` reading memory. Each element
+of z is still N(0, 1), and distinct chunks of one direction are uncorrelated in expectation over the random signs;
+what is lost is independence between chunks whose windows overlap (they share values, up to sign).
 """
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Iterable
+from typing import Protocol
 
 import torch
 
@@ -65,27 +77,101 @@ def chunk_noise(seed: int, name: str, chunk: int, numel: int, dtype: torch.dtype
     return z if dtype == torch.float32 else z.to(dtype)
 
 
-def noise(seed: int, name: str, like: torch.Tensor) -> torch.Tensor:
+class Noise(Protocol):
+    """Where z comes from: a chunk of z as a new tensor, or added in place (which may skip materialising it)."""
+
+    kind: str
+
+    def chunk(self, seed: int, name: str, chunk: int, numel: int, dtype: torch.dtype) -> torch.Tensor: ...
+
+    def add_(self, piece: torch.Tensor, seed: int, name: str, chunk: int, scale: float) -> None: ...
+
+
+class GaussianNoise:
+    """MeZO's directions: each chunk drawn fresh from its own seeded generator (:func:`chunk_noise`)."""
+
+    kind = "gaussian"
+
+    def chunk(self, seed: int, name: str, chunk: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        return chunk_noise(seed, name, chunk, numel, dtype)
+
+    def add_(self, piece: torch.Tensor, seed: int, name: str, chunk: int, scale: float) -> None:
+        """``piece += scale · z``; ``piece`` is the chunk's slice of a tensor, shape ``(numel,)``."""
+        piece.add_(chunk_noise(seed, name, chunk, piece.numel(), piece.dtype), alpha=scale)
+
+
+class NoiseTable:
+    """Evolution strategies' shared noise table: z's chunks are signed windows of one fixed N(0, 1) table.
+
+    ``elements`` float32 values (default 2**24: 64 MiB) drawn once per process from a fixed seed, so every run and
+    every resumed run sees the same table. The window of chunk ``c`` of tensor ``name`` at step seed ``s`` starts at
+    an offset, and carries a sign, both from SplitMix64 of (s, name, c): a pure function, as for the Gaussian draw,
+    so streamed and resident runs stay bitwise equal. ``add_`` reads the window in place (no copy).
+    """
+
+    kind = "table"
+    SEED = 0x7AB1E
+
+    def __init__(self, elements: int = 1 << 24):
+        if elements < CHUNK:
+            raise ValueError(f"a noise table needs at least one chunk ({CHUNK} elements), got {elements}")
+        self.table = _table(elements)
+
+    def _window(self, seed: int, name: str, chunk: int, numel: int) -> tuple[torch.Tensor, float]:
+        draw = _mix(seed, tensor_key(name), chunk, 0x7AB1E)
+        offset = (draw >> 1) % (self.table.numel() - numel + 1)
+        return self.table[offset : offset + numel], (-1.0 if draw & 1 else 1.0)
+
+    def chunk(self, seed: int, name: str, chunk: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        window, sign = self._window(seed, name, chunk, numel)
+        z = torch.mul(window, sign)  # a new tensor: callers may scale it in place
+        return z if dtype == torch.float32 else z.to(dtype)
+
+    def add_(self, piece: torch.Tensor, seed: int, name: str, chunk: int, scale: float) -> None:
+        """``piece += scale · z``, bitwise what adding :meth:`chunk` gives (a sign flip is exact)."""
+        window, sign = self._window(seed, name, chunk, piece.numel())
+        piece.add_(window if piece.dtype == torch.float32 else window.to(piece.dtype), alpha=scale * sign)
+
+
+@functools.lru_cache(maxsize=2)
+def _table(elements: int) -> torch.Tensor:
+    """The table itself, shared by every :class:`NoiseTable` of this size in the process."""
+    return torch.randn(elements, generator=torch.Generator().manual_seed(NoiseTable.SEED), dtype=torch.float32)
+
+
+GAUSSIAN = GaussianNoise()
+NOISE_KINDS = ("gaussian", "table")
+
+
+def make_noise(kind: str, table_mib: int = 64) -> Noise:
+    """The noise source ``kind`` (``gaussian``: MeZO's; ``table``: a ``table_mib`` MiB shared noise table)."""
+    if kind == "gaussian":
+        return GAUSSIAN
+    if kind == "table":
+        return NoiseTable(table_mib * (1 << 20) // 4)
+    raise ValueError(f"unknown noise source {kind}: use one of {', '.join(NOISE_KINDS)}")
+
+
+def noise(seed: int, name: str, like: torch.Tensor, source: Noise = GAUSSIAN) -> torch.Tensor:
     """The whole z of one tensor (shape of ``like``); used by tests and by optimizers that need it at once."""
     flat = like.reshape(-1)
     parts = [
-        chunk_noise(seed, name, c, min(CHUNK, flat.numel() - c * CHUNK), like.dtype)
+        source.chunk(seed, name, c, min(CHUNK, flat.numel() - c * CHUNK), like.dtype)
         for c in range((flat.numel() + CHUNK - 1) // CHUNK)
     ]
     return torch.cat(parts).reshape(like.shape) if parts else torch.empty_like(like)
 
 
 @torch.no_grad()
-def add_noise_(param: torch.Tensor, seed: int, name: str, scale: float) -> None:
+def add_noise_(param: torch.Tensor, seed: int, name: str, scale: float, source: Noise = GAUSSIAN) -> None:
     """``param += scale · z`` in place, one chunk of z at a time (MeZO's ``zo_perturb_parameters``)."""
     flat = param.view(-1)  # parameters are contiguous; view (not reshape) so the update lands in param itself
     for c, start in enumerate(range(0, flat.numel(), CHUNK)):
-        piece = flat[start : start + CHUNK]
-        piece.add_(chunk_noise(seed, name, c, piece.numel(), param.dtype), alpha=scale)
+        source.add_(flat[start : start + CHUNK], seed, name, c, scale)
 
 
 @torch.no_grad()
-def perturb_(named: Iterable[tuple[str, torch.Tensor]], seed: int, scale: float) -> None:
+def perturb_(named: Iterable[tuple[str, torch.Tensor]], seed: int, scale: float, source: Noise = GAUSSIAN) -> None:
     """``θ += scale · z(seed)`` for every named tensor; ``scale`` is ``+ε``, ``−2ε`` or ``+ε`` in a MeZO step."""
     for name, param in named:
-        add_noise_(param, seed, name, scale)
+        add_noise_(param, seed, name, scale, source)

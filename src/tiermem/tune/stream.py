@@ -56,7 +56,7 @@ from tiermem.tune.dual_batch import add_noise_keeping_rows, join, split_call
 from tiermem.tune.generations import FIRST, export_sharded, layer_path, other, verify
 from tiermem.tune.layer_files import load_resident, numel, read_aligned, write_layer
 from tiermem.tune.objective import Batch, Objective
-from tiermem.tune.perturb import add_noise_, step_seed
+from tiermem.tune.perturb import add_noise_, make_noise, step_seed
 from tiermem.tune.zo import ZOOptimizer
 from tiermem.weights.shards import MANIFEST, LayerStore, convert, open_store, read_group
 from tiermem.weights.stream import _set_parameter, _tied_aliases, decoder_layers
@@ -70,7 +70,7 @@ class StreamRunner:
 
     def __init__(self, config: TuneConfig, objective: Objective, model: nn.Module, store: LayerStore, root: Path):
         self.config, self.objective, self.model, self.root = config, objective, model, root
-        self.zo = ZOOptimizer(config.zo_rule, config.hyper())
+        self.zo = ZOOptimizer(config.zo_rule, config.hyper(), noise=make_noise(config.zo_noise))
         self.layers = decoder_layers(model)
         self.num_layers = len(self.layers)
         self.folder = store.folder  # the generation holding the current weights
@@ -179,7 +179,7 @@ class StreamRunner:
         """The previous step's update of one tensor, with that step's lr (the schedule may have moved on since)."""
         assert self.pending is not None
         seed, g, lr = self.pending
-        rule = self.zo if self.zo.hyper.lr == lr else ZOOptimizer(self.zo.method, replace(self.zo.hyper, lr=lr))
+        rule = self.zo if self.zo.hyper.lr == lr else replace(self.zo, hyper=replace(self.zo.hyper, lr=lr))
         rule.update_tensor(name, tensor, seed, g)
 
     def _acquire(self, index: int) -> dict[str, torch.Tensor]:
@@ -217,13 +217,13 @@ class StreamRunner:
                 eps = self.zo.hyper.eps
                 (args_plus, kw_plus), (args_minus, kw_minus) = split_call(args, kwargs, rows)
                 for name, tensor in named:
-                    add_noise_(tensor, self.seed, name, eps)
+                    add_noise_(tensor, self.seed, name, eps, self.zo.noise)
                 out_plus = forward(hidden[:rows], *args_plus, **kw_plus)
                 for name, tensor in named:
-                    add_noise_(tensor, self.seed, name, -2 * eps)
+                    add_noise_(tensor, self.seed, name, -2 * eps, self.zo.noise)
                 out_minus = forward(hidden[rows:], *args_minus, **kw_minus)
                 for name, tensor in named:
-                    add_noise_(tensor, self.seed, name, eps)
+                    add_noise_(tensor, self.seed, name, eps, self.zo.noise)
                 self._save(index, tensors)
                 return join(out_plus, out_minus)
             finally:
@@ -243,12 +243,12 @@ class StreamRunner:
             else:  # θ+εz -> θ−εz, rows [B:], -> θ: the resident run's three operations on this tensor
                 named = [(self._names[id(p)], p) for p in module.parameters(recurse=False)]
                 for name, p in named:
-                    add_noise_(p.data, self.seed, name, -2 * self.zo.hyper.eps)
+                    add_noise_(p.data, self.seed, name, -2 * self.zo.hyper.eps, self.zo.noise)
                 try:
                     out_minus = forward(x[rows:], *args, **kwargs)
                 finally:
                     for name, p in named:
-                        add_noise_(p.data, self.seed, name, self.zo.hyper.eps)
+                        add_noise_(p.data, self.seed, name, self.zo.hyper.eps, self.zo.noise)
                         self._restored.add(id(p))
             return torch.cat([out_plus, out_minus])
 
@@ -291,10 +291,10 @@ class StreamRunner:
         for name, param in self._resident_named:
             if self._embedding is not None and param is self._embedding.weight:
                 wanted = torch.unique(batch.input_ids)  # sorted
-                z_rows = add_noise_keeping_rows(param.data, seed, name, eps, wanted)
+                z_rows = add_noise_keeping_rows(param.data, seed, name, eps, wanted, self.zo.noise)
                 self._lookup = (wanted, param.data[wanted].add_(z_rows, alpha=-2 * eps))  # (θ+εz)−2εz, those rows
             else:
-                add_noise_(param.data, seed, name, eps)
+                add_noise_(param.data, seed, name, eps, self.zo.noise)
         self.mode, self.seed = "dual", seed
         other(self.folder).mkdir(exist_ok=True)
         doubled = Batch(
@@ -309,8 +309,8 @@ class StreamRunner:
         minus_loss = float(self.objective.loss_from_logits(logits[rows:], batch))
         for name, param in self._resident_named:  # an untied embedding is still at +ε: the resident run's −2ε, +ε
             if id(param) not in self._restored:
-                add_noise_(param.data, seed, name, -2 * eps)
-                add_noise_(param.data, seed, name, eps)
+                add_noise_(param.data, seed, name, -2 * eps, self.zo.noise)
+                add_noise_(param.data, seed, name, eps, self.zo.noise)
         self._lookup = None
         self._finish_writes()
         g = self.zo.projected_grad(plus, minus_loss)

@@ -76,6 +76,7 @@ class TuneResult:
     dev: list[dict[str, float]] = field(default_factory=list)  # {"step", metric, "loss"} per dev evaluation
     selected_step: int | None = None  # keep_best: the step whose weights were kept
     zo_queries: int = 1  # n-SPSA directions per ZO step
+    zo_noise: str = "gaussian"  # where the ZO directions came from (MeZO's draw or a noise table)
 
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)
@@ -245,6 +246,7 @@ def tune(config: TuneConfig, progress: bool = False, stop_after: int | None = No
         dev=dev_curve,
         selected_step=keep.step if config.keep_best and not crashed else None,
         zo_queries=config.zo_queries,
+        zo_noise=config.zo_noise,
     )
     if config.out is not None and not crashed:
         with (config.out / RESULTS_FILE).open("a", encoding="utf-8") as handle:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tiermem.tune.perturb import CHUNK, chunk_noise, perturb_, query_seed
+from tiermem.tune.perturb import CHUNK, GAUSSIAN, Noise, perturb_, query_seed
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,7 @@ class ZOOptimizer:
     hyper: ZOHyper
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     updates: int = 0  # steps applied, for Adam's bias correction
+    noise: Noise = GAUSSIAN  # where z comes from (:mod:`tiermem.tune.perturb`): MeZO's draw or a noise table
 
     def __post_init__(self) -> None:
         if self.method not in ZO_DEFAULTS:
@@ -107,11 +108,11 @@ class ZOOptimizer:
     ) -> tuple[float, float, float]:
         """Steps 1-4 along z(seed): (loss₊, loss₋, g), with θ restored afterwards (nothing is updated)."""
         eps = self.hyper.eps
-        perturb_(named, seed, eps)
+        perturb_(named, seed, eps, self.noise)
         loss_plus = loss()
-        perturb_(named, seed, -2 * eps)
+        perturb_(named, seed, -2 * eps, self.noise)
         loss_minus = loss()
-        perturb_(named, seed, eps)
+        perturb_(named, seed, eps, self.noise)
         return loss_plus, loss_minus, self.projected_grad(loss_plus, loss_minus)
 
     @torch.no_grad()
@@ -146,12 +147,13 @@ class ZOOptimizer:
         buffers = self._buffers(name, param)
         for c, start in enumerate(range(0, flat.numel(), CHUNK)):
             piece = flat[start : start + CHUNK]
-            z = chunk_noise(seed, name, c, piece.numel(), param.dtype)
             if self.method == "zo-sgd":
-                self._sgd(piece, z, decay, -h.lr * g)
+                self._decay(piece, decay)
+                self.noise.add_(piece, seed, name, c, -h.lr * g)
             elif self.method == "zo-sgd-sign":
-                piece.add_(z, alpha=(-h.lr * math.copysign(1.0, g)) if g != 0 else 0.0)
+                self.noise.add_(piece, seed, name, c, (-h.lr * math.copysign(1.0, g)) if g != 0 else 0.0)
             else:
+                z = self.noise.chunk(seed, name, c, piece.numel(), param.dtype)
                 self._stateful(piece, z.mul_(g), decay, [b.view(-1)[start : start + CHUNK] for b in buffers])
 
     @torch.no_grad()
@@ -169,9 +171,10 @@ class ZOOptimizer:
             piece = flat[start : start + CHUNK]
             grad = torch.zeros_like(piece)
             for seed, weight in weights:
-                grad.add_(chunk_noise(seed, name, c, piece.numel(), param.dtype), alpha=weight)
+                self.noise.add_(grad, seed, name, c, weight)
             if self.method == "zo-sgd":
-                self._sgd(piece, grad, decay, -h.lr)
+                self._decay(piece, decay)
+                piece.add_(grad, alpha=-h.lr)
             elif self.method == "zo-sgd-sign":
                 raise ValueError("zo-sgd-sign takes one query per step")
             else:
@@ -181,11 +184,10 @@ class ZOOptimizer:
         keys = {"zo-sgd-mmt": ["m"], "zo-adam": ["m", "v"]}.get(self.method, [])
         return [self.state.setdefault(f"{k}:{name}", torch.zeros_like(param)) for k in keys]
 
-    def _sgd(self, piece: torch.Tensor, direction: torch.Tensor, decay: float, alpha: float) -> None:
-        """ZO-SGD on one chunk: weight decay as θ *= 1 - lr·wd (SGD's own), then θ += alpha·direction."""
+    def _decay(self, piece: torch.Tensor, decay: float) -> None:
+        """ZO-SGD's weight decay on one chunk, before its step: θ *= 1 - lr·wd (SGD's own)."""
         if decay:
             piece.mul_(1 - self.hyper.lr * decay)
-        piece.add_(direction, alpha=alpha)
 
     def _stateful(self, piece: torch.Tensor, grad: torch.Tensor, decay: float, buffers: list[torch.Tensor]) -> None:
         """ZO-SGD-MMT or ZO-Adam on one chunk of ĝ (``grad``, overwritten), with its state chunks ``buffers``."""
