@@ -82,7 +82,7 @@ def run_tune(args: argparse.Namespace, task: Path, weights: str, out: Path, **kw
     steps = kw.get("steps", args.steps)
     command += ["--method", "zo-sgd", "--steps", str(steps), "--batch-size", str(args.batch_size)]
     command += ["--lr", str(args.lr), "--eps", str(args.eps), "--seed", str(args.seed), "--dtype", args.dtype]
-    command += ["--weights", weights, "--out", str(out), "--no-save-model", "--json"]
+    command += ["--weights", weights, "--out", str(out), "--no-save-model", "--json", "--zo-noise", args.zo_noise]
     if weights == "stream":
         command += ["--weight-memory", args.weight_memory]
     if kw.get("resume"):
@@ -242,6 +242,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--weight-memory", default="1GB")
+    parser.add_argument("--zo-noise", default="gaussian", help="gaussian (MeZO's draw) or table (shared noise table)")
     parser.add_argument("--order", default="resident,stream", help="runs, one after the other")
     parser.add_argument("--crash-at", type=int, default=None, help="also kill a streamed run mid-step after K")
     parser.add_argument("--crash-steps", type=int, default=None, help="steps of the crash run (default --steps)")
