@@ -56,6 +56,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--zo-queries", type=int, default=1, help="n-SPSA directions per ZO step (MeZO: 1)")
     parser.add_argument("--zo-noise", default="gaussian", help="gaussian (MeZO's) or table (shared noise table)")
+    parser.add_argument("--zo-sparsity", type=float, default=0.0, help="ZO-Bench's gradient sparsity (fixed mask)")
     parser.add_argument("--schedule", choices=["constant", "linear"], default="constant")
     parser.add_argument("--eval-every", type=int, default=0, help="dev evaluation every N steps (0: end only)")
     parser.add_argument("--keep-best", action="store_true", help="end on the best dev evaluation's tensors")
@@ -76,6 +77,7 @@ def run_id(r: dict[str, Any]) -> str:
     best = "-best" if r.get("keep_best") else ""
     queries = f"-q{r['zo_queries']}" if r.get("zo_queries", 1) != 1 else ""  # n = 1 ids stay as before n-SPSA
     queries += "-table" if r.get("zo_noise", "gaussian") == "table" else ""
+    queries += f"-sp{r['zo_sparsity']:g}" if r.get("zo_sparsity") else ""
     return (
         f"{r.get('tag') or 'run'}-{r['method']}{lora}-lr{r['lr']:g}-eps{r['eps']}{queries}"
         f"-{r['steps']}x{r['batch_size']}"
@@ -134,6 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         save_model=False,
         zo_queries=args.zo_queries,
         zo_noise=args.zo_noise,
+        zo_sparsity=args.zo_sparsity,
     )
     config.validate()
     task = load_task(config.task)
@@ -162,6 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "schedule": args.schedule,
         "zo_queries": config.zo_queries,
         "zo_noise": config.zo_noise,
+        "zo_sparsity": config.zo_sparsity,
         "steps": config.steps,
         "batch_size": config.batch_size,
         "seed": config.seed,

@@ -43,6 +43,12 @@ def add_tune_parser(sub: Any) -> None:
     tune.add_argument(
         "--zo-noise", default="gaussian", help="gaussian (MeZO's draw) or table (a shared noise table: faster steps)"
     )
+    tune.add_argument(
+        "--zo-sparsity",
+        type=float,
+        default=0.0,
+        help="ZO-Bench's gradient sparsity: z is 0 on this share of each tensor, one mask per run (default 0)",
+    )
     tune.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
 
 
@@ -81,6 +87,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         lr_schedule=args.lr_schedule,
         zo_queries=args.zo_queries,
         zo_noise=args.zo_noise,
+        zo_sparsity=args.zo_sparsity,
     )
     result = tune(config, progress=not args.json and sys.stderr.isatty())
     if args.json:

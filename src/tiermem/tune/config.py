@@ -13,7 +13,8 @@ Model selection (:mod:`tiermem.tune.select`): ``eval_every`` evaluates a dev spl
 on the best of those evaluations (MeZO's ``--load_best_model_at_end``), ``lr_schedule`` is ``constant`` (MeZO's) or
 ``linear`` decay. ``zo_queries`` = n > 1 is MeZO's n-SPSA (n directions averaged per step, :mod:`tiermem.tune.zo`).
 ``zo_noise`` is ``gaussian`` (MeZO's fresh draw) or ``table`` (evolution strategies' shared noise table, 64 MiB:
-:mod:`tiermem.tune.perturb`).
+:mod:`tiermem.tune.perturb`). ``zo_sparsity`` = s > 0 zeroes z on a share s of every tensor's coordinates, one mask
+for the run (ZO-Bench's gradient sparsity, :class:`~tiermem.tune.perturb.SparseNoise`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tiermem.errors import TiermemError
-from tiermem.tune.perturb import NOISE_KINDS
+from tiermem.tune.perturb import NOISE_KINDS, Noise, make_noise
 from tiermem.tune.select import SCHEDULES
 from tiermem.tune.zo import ZO_DEFAULTS, ZO_METHODS, ZOHyper
 
@@ -30,7 +31,12 @@ BACKPROP_LR = {"adamw": 1e-5, "lora": 1e-4}
 METHODS = (*ZO_METHODS, "zo-lora", "adamw", "lora")
 WEIGHTS = ("resident", "stream")
 # Settings that :meth:`TuneConfig.settings` records only when not at these defaults (older checkpoints lack them).
-OPTIONAL_SETTINGS: dict[str, object] = {"lr_schedule": "constant", "zo_queries": 1, "zo_noise": "gaussian"}
+OPTIONAL_SETTINGS: dict[str, object] = {
+    "lr_schedule": "constant",
+    "zo_queries": 1,
+    "zo_noise": "gaussian",
+    "zo_sparsity": 0.0,
+}
 
 
 @dataclass
@@ -61,6 +67,7 @@ class TuneConfig:
     lr_schedule: str = "constant"  # or "linear" (decay to 0 at the last step)
     zo_queries: int = 1  # n-SPSA (MeZO's Definition 1): directions averaged per ZO step; MeZO's default is 1
     zo_noise: str = "gaussian"  # or "table": z from a shared noise table (faster; :mod:`tiermem.tune.perturb`)
+    zo_sparsity: float = 0.0  # ZO-Bench's gradient sparsity: z is 0 on this share of coordinates, fixed per run
 
     @property
     def zo(self) -> bool:
@@ -109,7 +116,12 @@ class TuneConfig:
             **({"lr_schedule": self.lr_schedule} if self.lr_schedule != "constant" else {}),
             **({"zo_queries": self.zo_queries} if self.zo_queries != 1 else {}),
             **({"zo_noise": self.zo_noise} if self.zo_noise != "gaussian" else {}),
+            **({"zo_sparsity": self.zo_sparsity} if self.zo_sparsity else {}),
         }
+
+    def noise(self) -> Noise:
+        """Where a ZO run's directions come from: ``zo_noise``, masked by ``zo_sparsity`` (mask seed: the run's)."""
+        return make_noise(self.zo_noise, self.zo_sparsity, self.seed)
 
     def validate(self) -> None:
         """One-line errors for settings that cannot run, before anything is loaded."""
@@ -147,6 +159,10 @@ class TuneConfig:
             raise TiermemError(f"unknown --zo-noise '{self.zo_noise}': use one of {', '.join(NOISE_KINDS)}")
         if self.zo_noise != "gaussian" and not self.zo:
             raise TiermemError(f"--zo-noise applies to zeroth-order methods, not {self.method}")
+        if not 0 <= self.zo_sparsity < 1:
+            raise TiermemError(f"--zo-sparsity is a share of coordinates in [0, 1), got {self.zo_sparsity}")
+        if self.zo_sparsity and not self.zo:
+            raise TiermemError(f"--zo-sparsity applies to zeroth-order methods, not {self.method}")
         if self.zo_queries < 1:
             raise TiermemError(f"--zo-queries must be at least 1, got {self.zo_queries}")
         if self.zo_queries == 1:

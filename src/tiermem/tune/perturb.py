@@ -24,6 +24,10 @@ table of i.i.d. N(0, 1) values is drawn once, and each chunk of z is a window of
 drawn from (step seed, tensor name, chunk index); a perturbation is then one ``add_`` reading memory. Each element
 of z is still N(0, 1), and distinct chunks of one direction are uncorrelated in expectation over the random signs;
 what is lost is independence between chunks whose windows overlap (they share values, up to sign).
+
+:class:`SparseNoise` (``--zo-sparsity s``, a named option) is ZO-Bench's gradient sparsity (Zhang et al. 2024,
+section 6, ``gradient_sparsity``): each tensor's z is zero outside a random share ``1 − s`` of its coordinates, so
+a step explores a subspace of ``(1 − s)·d`` dimensions instead of all ``d``.
 """
 
 from __future__ import annotations
@@ -139,17 +143,62 @@ def _table(elements: int) -> torch.Tensor:
     return torch.randn(elements, generator=torch.Generator().manual_seed(NoiseTable.SEED), dtype=torch.float32)
 
 
+class SparseNoise:
+    """ZO-Bench's gradient sparsity with one mask for the whole run: z is ``base``'s z, zero outside a kept share.
+
+    The kept coordinates of chunk ``c`` of tensor ``name`` are those where a window of the shared N(0, 1) table (at
+    an offset from SplitMix64 of (``mask_seed``, name, c)) is at least Φ⁻¹(s): each coordinate is kept with
+    probability ``1 − s``, the mask costs one comparison per element and no memory beyond the table, and it depends
+    on the run seed only, so every step, the resumed run and the streamed run see the same mask.
+
+    Departures from ZO-Bench (``zo-bench/trainer.py``, ``fast_random_mask_like``), and why: ZO-Bench redraws its
+    mask every ``sparse_gradient_resample_steps`` steps (default 1; its SST-2 grid runs 1 to 20,000, the last one
+    mask for the whole run). The mask here is fixed for the run: a fresh mask every step gives the same expected
+    update as the dense step at lr·(1 − s), with noise of the same relative size (E[z_m z_mᵀ] = (1 − s)·I: an
+    argument, not measured here), while a fixed mask cuts the dimension the estimate's variance grows with.
+    ZO-Bench zeroes coordinates where a fresh N(0, 1) draw is below ``s`` itself (so Φ(s) of them, 77% for
+    s = 0.75: its docstring says the sparsity "is not guaranteed"); here the threshold is Φ⁻¹(s), so the share
+    zeroed is ``s``. The mask's windows come from the same table as :class:`NoiseTable`'s z windows, at offsets
+    from other hashes: a mask window and a z window coincide with probability ~1/16 M per chunk pair.
+    """
+
+    MIX = 0x5A45
+
+    def __init__(self, base: Noise, sparsity: float, mask_seed: int):
+        if not 0 < sparsity < 1:
+            raise ValueError(f"a sparsity is in (0, 1), got {sparsity}")
+        self.base, self.sparsity, self.mask_seed = base, sparsity, mask_seed
+        self.kind = base.kind
+        self.table = _table(1 << 24)
+        self.threshold = float(torch.special.ndtri(torch.tensor(sparsity, dtype=torch.float64)))
+
+    def dropped(self, name: str, chunk: int, numel: int) -> torch.Tensor:
+        """True where chunk ``chunk`` of tensor ``name`` is masked out: shape ``(numel,)``, bool."""
+        offset = _mix(self.mask_seed, tensor_key(name), chunk, self.MIX) % (self.table.numel() - numel + 1)
+        return self.table[offset : offset + numel] < self.threshold
+
+    def chunk(self, seed: int, name: str, chunk: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        z = self.base.chunk(seed, name, chunk, numel, dtype)
+        return z.masked_fill_(self.dropped(name, chunk, numel), 0.0)
+
+    def add_(self, piece: torch.Tensor, seed: int, name: str, chunk: int, scale: float) -> None:
+        piece.add_(self.chunk(seed, name, chunk, piece.numel(), piece.dtype), alpha=scale)
+
+
 GAUSSIAN = GaussianNoise()
 NOISE_KINDS = ("gaussian", "table")
 
 
-def make_noise(kind: str, table_mib: int = 64) -> Noise:
-    """The noise source ``kind`` (``gaussian``: MeZO's; ``table``: a ``table_mib`` MiB shared noise table)."""
+def make_noise(kind: str, sparsity: float = 0.0, mask_seed: int = 0, table_mib: int = 64) -> Noise:
+    """The noise source ``kind`` (``gaussian``: MeZO's; ``table``: a ``table_mib`` MiB shared noise table), masked
+    to a share ``1 − sparsity`` of each tensor's coordinates (fixed by ``mask_seed``) when ``sparsity`` > 0."""
     if kind == "gaussian":
-        return GAUSSIAN
-    if kind == "table":
-        return NoiseTable(table_mib * (1 << 20) // 4)
-    raise ValueError(f"unknown noise source {kind}: use one of {', '.join(NOISE_KINDS)}")
+        base: Noise = GAUSSIAN
+    elif kind == "table":
+        base = NoiseTable(table_mib * (1 << 20) // 4)
+    else:
+        raise ValueError(f"unknown noise source {kind}: use one of {', '.join(NOISE_KINDS)}")
+    return SparseNoise(base, sparsity, mask_seed) if sparsity else base
 
 
 def noise(seed: int, name: str, like: torch.Tensor, source: Noise = GAUSSIAN) -> torch.Tensor:

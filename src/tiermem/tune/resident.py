@@ -18,7 +18,7 @@ from tiermem.tune.checkpoint import optimizer_tensors, restore_optimizer
 from tiermem.tune.config import TuneConfig
 from tiermem.tune.lora import add_lora, save_lora
 from tiermem.tune.objective import Batch, Objective
-from tiermem.tune.perturb import make_noise, step_seed
+from tiermem.tune.perturb import step_seed
 from tiermem.tune.zo import ZOOptimizer, trained
 
 
@@ -39,7 +39,7 @@ class ResidentRunner:
         self.zo: ZOOptimizer | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         if config.zo:
-            self.zo = ZOOptimizer(config.zo_rule, config.hyper(), noise=make_noise(config.zo_noise))
+            self.zo = ZOOptimizer(config.zo_rule, config.hyper(), noise=config.noise())
             model.requires_grad_(False)  # ZO never needs autograd; keep the LoRA/full selection in self.named
         else:
             params = [p for p in model.parameters() if p.requires_grad]

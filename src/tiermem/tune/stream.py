@@ -56,7 +56,7 @@ from tiermem.tune.dual_batch import add_noise_keeping_rows, join, split_call
 from tiermem.tune.generations import FIRST, export_sharded, layer_path, other, verify
 from tiermem.tune.layer_files import load_resident, numel, read_aligned, write_layer
 from tiermem.tune.objective import Batch, Objective
-from tiermem.tune.perturb import add_noise_, make_noise, step_seed
+from tiermem.tune.perturb import add_noise_, step_seed
 from tiermem.tune.zo import ZOOptimizer
 from tiermem.weights.shards import MANIFEST, LayerStore, convert, open_store, read_group
 from tiermem.weights.stream import _set_parameter, _tied_aliases, decoder_layers
@@ -70,7 +70,7 @@ class StreamRunner:
 
     def __init__(self, config: TuneConfig, objective: Objective, model: nn.Module, store: LayerStore, root: Path):
         self.config, self.objective, self.model, self.root = config, objective, model, root
-        self.zo = ZOOptimizer(config.zo_rule, config.hyper(), noise=make_noise(config.zo_noise))
+        self.zo = ZOOptimizer(config.zo_rule, config.hyper(), noise=config.noise())
         self.layers = decoder_layers(model)
         self.num_layers = len(self.layers)
         self.folder = store.folder  # the generation holding the current weights

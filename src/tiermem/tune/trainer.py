@@ -77,6 +77,7 @@ class TuneResult:
     selected_step: int | None = None  # keep_best: the step whose weights were kept
     zo_queries: int = 1  # n-SPSA directions per ZO step
     zo_noise: str = "gaussian"  # where the ZO directions came from (MeZO's draw or a noise table)
+    zo_sparsity: float = 0.0  # share of coordinates where z was 0 (one mask for the run)
 
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)
@@ -247,6 +248,7 @@ def tune(config: TuneConfig, progress: bool = False, stop_after: int | None = No
         selected_step=keep.step if config.keep_best and not crashed else None,
         zo_queries=config.zo_queries,
         zo_noise=config.zo_noise,
+        zo_sparsity=config.zo_sparsity,
     )
     if config.out is not None and not crashed:
         with (config.out / RESULTS_FILE).open("a", encoding="utf-8") as handle:
