@@ -264,9 +264,13 @@ def main() -> None:
         print(f"{chosen_id}: test {chosen['test_after']}", flush=True)
     if args.test_run or args.test_best:
         return
-    record = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as handle:
+    save_record(args.out, run(args))
+
+
+def save_record(out: Path, record: dict[str, Any]) -> None:
+    """Append one run's line to ``out`` and print it without its per-step curves."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
     print(json.dumps({k: v for k, v in record.items() if k not in ("losses", "projected_grads")}), flush=True)
 

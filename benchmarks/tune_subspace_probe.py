@@ -20,7 +20,6 @@ Both use the shared noise table. One JSON line per run is appended to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -88,10 +87,7 @@ def main() -> None:
     args.tag = f"{subspace}{sparsity if subspace == 'magnitude' else ''}" + (f"-{args.tag}" if args.tag else "")
     record = tune_probe.run(args)
     record.update(subspace=subspace, sparsity=sparsity if subspace == "magnitude" else None)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
-    print(json.dumps({k: v for k, v in record.items() if k not in ("losses", "projected_grads")}), flush=True)
+    tune_probe.save_record(args.out, record)
 
 
 if __name__ == "__main__":
