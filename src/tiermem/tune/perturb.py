@@ -25,9 +25,9 @@ drawn from (step seed, tensor name, chunk index); a perturbation is then one ``a
 of z is still N(0, 1), and distinct chunks of one direction are uncorrelated in expectation over the random signs;
 what is lost is independence between chunks whose windows overlap (they share values, up to sign).
 
-:class:`SparseNoise` (``--zo-sparsity s``, a named option) is ZO-Bench's gradient sparsity (Zhang et al. 2024,
-section 6, ``gradient_sparsity``): each tensor's z is zero outside a random share ``1 − s`` of its coordinates, so
-a step explores a subspace of ``(1 − s)·d`` dimensions instead of all ``d``.
+:class:`SparseNoise` (``--zo-sparsity s``, a named option) is ZO-Bench's gradient sparsity (Zhang et al. 2024, one
+of its three extensions; ``gradient_sparsity`` in its code): each tensor's z is zero outside a random share
+``1 − s`` of its coordinates, so a step explores a subspace of ``(1 − s)·d`` dimensions instead of all ``d``.
 """
 
 from __future__ import annotations
