@@ -70,6 +70,7 @@ def add_policy_args(parser: argparse.ArgumentParser, compressed: str = "the cont
 def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int | None) -> None:
     """The flags of :class:`GenerationConfig` and its :class:`StoreConfig`, plus the prompt style
     (``max_new_tokens=None``: the command picks a default per task)."""
+    from tiermem.decode_step import DECODE_STEPS
     from tiermem.kvstore import ALLOCATORS
     from tiermem.kvstore.blocks import STORE_CHOICES
     from tiermem.prompts import STYLES
@@ -83,6 +84,12 @@ def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int | N
     parser.add_argument("--kv-store", default="auto", choices=list(STORE_CHOICES), help="where evicted blocks live")
     parser.add_argument("--kv-dir", help="folder for the disk store's temporary files (default: system temp)")
     parser.add_argument("--kv-alloc", default="grow", choices=list(ALLOCATORS), help="KV buffer memory")
+    parser.add_argument(
+        "--decode-step",
+        default="auto",
+        choices=list(DECODE_STEPS),
+        help="auto: one compiled call per token where the model and policy allow it; python: tiermem's Python step",
+    )
 
 
 def generation_config(args: argparse.Namespace, **fields: Any) -> GenerationConfig:
@@ -99,5 +106,6 @@ def generation_config(args: argparse.Namespace, **fields: Any) -> GenerationConf
         "question_aware": args.question_aware,
         "kv_memory": args.kv_memory,
         "store": store,
+        "decode_step": getattr(args, "decode_step", "auto"),
     }
     return GenerationConfig(**(values | fields))

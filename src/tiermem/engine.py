@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from transformers import PreTrainedModel
 
 from tiermem.attention import patched_attention
 from tiermem.cache import TierCache, store_for
+from tiermem.decode_step import DECODE_STEPS, FusedDecoder
 from tiermem.errors import TiermemError
 from tiermem.kvstore.blocks import StoreConfig
 from tiermem.kvstore.quant import kv_format
@@ -41,6 +43,7 @@ class GenerationConfig:
     stop_on_eos: bool = True  # benchmarks set False to time exactly max_new_tokens
     kv_memory: int | None = None  # bytes of KV the run may hold in RAM; the rest goes to the disk store
     store: StoreConfig = field(default_factory=StoreConfig)  # block store backend and folder, KV buffer allocator
+    decode_step: str = "auto"  # tiermem.decode_step.DECODE_STEPS: the fused step where it applies, or "python"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -51,6 +54,8 @@ class GenerationConfig:
             raise TiermemError("temperature must be >= 0 and top_p in (0, 1]")
         if self.kv_memory is not None and self.kv_memory < 1:
             raise TiermemError("the KV memory limit must be positive")
+        if self.decode_step not in DECODE_STEPS:
+            raise TiermemError(f"unknown decode step '{self.decode_step}': use one of {', '.join(DECODE_STEPS)}")
 
 
 @dataclass
@@ -70,6 +75,11 @@ def forward(model: PreTrainedModel, cache: TierCache, ids: torch.Tensor, every_p
     keep = 0 if every_position else 1
     out = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=keep)
     return out.logits[0].float() if every_position else out.logits[0, -1].float()
+
+
+def forward_token(model: PreTrainedModel, cache: TierCache, token: int) -> torch.Tensor:
+    """One decode step through the model: the logits (vocab,) after ``token``."""
+    return forward(model, cache, torch.tensor([[token]]))
 
 
 def surprise(previous: torch.Tensor | None, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -253,6 +263,9 @@ def _run(
             if question.shape[1]:
                 logits = prefill(lm.model, cache, question, config.chunk_size, logits)
         assert logits is not None
+        fused, why = FusedDecoder.build(lm, cache, config.decode_step)
+        stats.extra["decode_step"] = "fused" if fused is not None else f"python ({why})"
+        step = fused.step if fused is not None else partial(forward_token, lm.model, cache)
         ids: list[int] = []
         finish, text = "length", ""
         while True:
@@ -273,7 +286,7 @@ def _run(
                     cache.observe_surprise((torch.logsumexp(logits, dim=-1) - logits[token]).reshape(1))
                 if cache.policy.needs_token_text:
                     cache.observe_tokens(cache.get_seq_length(), token_pieces(cache, [token]))
-                logits = forward(lm.model, cache, torch.tensor([[token]]))
+                logits = step(token)
             stats.decode_steps += 1
 
     text = text if finish == "stop" else stream.text(ids)

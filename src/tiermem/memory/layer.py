@@ -185,6 +185,11 @@ class TierLayer(CacheLayerMixin):
     def end_context(self) -> None:
         """The context is in: compress it if the policy compresses prompts (SnapKV). Default: nothing."""
 
+    def decode_buffer(self) -> KVBuffer | None:
+        """The buffer a decode step appends its token to and attends in full, when that is all this layer's decode
+        step does now (the fused step may then run it: :mod:`tiermem.decode_step`); None otherwise (default)."""
+        return None
+
     @abstractmethod
     def kv_tokens(self) -> int:
         """Tokens whose K and V this layer holds now."""
@@ -253,6 +258,12 @@ class DenseLayer(TierLayer):
 
     def after_attend(self, rotated_q: torch.Tensor) -> None:
         """Hook after each forward, with this step's rotated queries (1, Hq, T, D). Default: keep everything."""
+
+    def decode_buffer(self) -> KVBuffer | None:
+        """The buffer, unless a subclass changes what a step does (its own ``attend`` or ``after_attend``)."""
+        kind = type(self)
+        plain = kind.attend is DenseLayer.attend and kind.after_attend is DenseLayer.after_attend
+        return self.buffer if plain else None
 
     def probe(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attend over the buffer plus, for this call only, the probe's tokens not stored yet."""

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from tiermem.errors import TiermemError
+from tiermem.kvstore.dense import KVBuffer
 from tiermem.layer_info import LayerInfo, describe_layers
 from tiermem.memory.base import BudgetedPolicy
 from tiermem.memory.layer import DEFAULT_CHUNK_TOKENS, DenseLayer, TierLayer, buffer_attention
@@ -121,6 +122,12 @@ class ScorerLayer(DenseLayer):
         self.query_count = 0
         self.query_sum: torch.Tensor | None = None
         self.query_outer: torch.Tensor | None = None
+
+    def decode_buffer(self) -> KVBuffer | None:
+        """Once compressed, a step is the dense layer's (``attend`` defers to it)."""
+        kind = type(self)
+        plain = kind.attend is ScorerLayer.attend and kind.after_attend is DenseLayer.after_attend
+        return self.buffer if self.compressed and plain else None
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.compressed:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tiermem.errors import TiermemError
+from tiermem.kvstore.dense import KVBuffer
 from tiermem.layer_info import LayerInfo
 from tiermem.memory.base import BudgetedPolicy
 from tiermem.memory.layer import DEFAULT_CHUNK_TOKENS, DenseLayer, TierLayer
@@ -211,6 +212,12 @@ class SnapKVLayer(DenseLayer):
         self.window_queries: torch.Tensor | None = None  # (1, Hq, <=w, D), rotated
         self.compressed = False
         self.sentence_end_positions: list[int] = []  # shared by the layers (SnapKV.setup), filled by observe_tokens
+
+    def decode_buffer(self) -> KVBuffer | None:
+        """Once compressed, a step only appends and attends (``after_attend`` returns at once)."""
+        kind = type(self)
+        plain = kind.attend is DenseLayer.attend and kind.after_attend is SnapKVLayer.after_attend
+        return self.buffer if self.compressed and plain else None
 
     def after_attend(self, rotated_q: torch.Tensor) -> None:
         if self.compressed:

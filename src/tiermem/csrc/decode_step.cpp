@@ -1,0 +1,339 @@
+// One decode step of a Llama-family model in one call: every decoder layer for one token (tiermem.decode_step).
+//
+// Why: a Python decode step of SmolLM2 dispatches ~2,900 small operations, and on a 2-core CPU that dispatch, not
+// the weights' bytes, is most of the step (BENCHMARKS.md, "Where a 512-token step goes"). Here the small work of a
+// layer (RMSNorm, RoPE, the KV append with its int8 encode, attention over the stored rows, SiLU, residual adds)
+// runs as plain loops over a few hundred floats, and only the four weight GEMVs per layer and the LM head go
+// through PyTorch's own kernels (_weight_int4pack_mm_for_cpu / _weight_int8pack_mm, the kernels of the Python
+// path). This is the role of llama.cpp's graph or gpt-fast's compiled decode step; torch.compile gained nothing on
+// this path (BENCHMARKS.md), so the step is written out.
+//
+// Numerics: the residual stream stays in float32 between layers (the Python path rounds it to bf16 after every
+// add), each GEMV's input is rounded to bf16 as the kernels take it, attention accumulates in float32 and its
+// softmax runs on PyTorch's kernel. KV rows are stored exactly as tiermem.kvstore.quant encodes them (int8: D values
+// then a float32 scale, absmax / 127, round half to even), so a cache filled here reads the same everywhere else.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using at::BFloat16;
+
+constexpr int64_t kTokenGrain = 128;  // tokens per parallel task in attention
+
+struct Linear {
+  at::Tensor weight, scales;
+  int64_t group;  // > 0: int4 packed with (K / group, N, 2) scales and zeros; 0: int8 with (N,) scales
+
+  at::Tensor operator()(const at::Tensor& x) const {
+    return group > 0 ? at::_weight_int4pack_mm_for_cpu(x, weight, group, scales)
+                     : at::_weight_int8pack_mm(x, weight, scales);
+  }
+};
+
+struct Layer {
+  at::Tensor input_norm, post_norm;  // (D,) float32
+  Linear qkv, o, gate_up, down;
+  at::Tensor keys, values, positions;  // (1, Hkv, capacity, W) int8 or bf16; (Hkv, capacity) int64
+};
+
+// RMSNorm of x (d) times w, rounded once to bf16 (tiermem.norms' one-rounding form).
+void rms_norm(const float* x, const float* w, float eps, int64_t d, BFloat16* out) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < d; ++i) ss += x[i] * x[i];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
+  for (int64_t i = 0; i < d; ++i) out[i] = BFloat16(x[i] * r * w[i]);
+}
+
+// HF's half-split RoPE of one head vector x (d), in place.
+void rope(float* x, const float* cos, const float* sin, int64_t d) {
+  const int64_t h = d / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = x[i], b = x[i + h];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + h] = b * cos[i + h] + a * sin[i + h];
+  }
+}
+
+float row_scale(const int8_t* row, int64_t d) {
+  float s;
+  std::memcpy(&s, row + d, sizeof s);
+  return s;
+}
+float row_scale(const BFloat16*, int64_t) { return 1.f; }
+
+// One stored row from x (d): int8 values then their float32 scale, as tiermem.kvstore.quant.KVFormat.encode.
+void store_row(const float* x, int64_t d, int8_t* row) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < d; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float scale = std::max(amax / 127.f, FLT_MIN);
+  for (int64_t i = 0; i < d; ++i) row[i] = static_cast<int8_t>(std::nearbyint(x[i] / scale));
+  std::memcpy(row + d, &scale, sizeof scale);
+}
+void store_row(const float* x, int64_t d, BFloat16* row) {
+  for (int64_t i = 0; i < d; ++i) row[i] = BFloat16(x[i]);
+}
+
+// Scores of `group` queries q (group, d) against one KV head's rows [begin, end): lg[g * n + j], times the row's
+// scale and `scaling`. The plain loop is the reference; AVX-512 builds take the vectorized one for d = 64 or 128.
+template <typename T>
+void scores_plain(const float* q, const T* rows, int64_t width, int64_t begin, int64_t end, int64_t group,
+                  int64_t d, float scaling, float* lg, int64_t n) {
+  for (int64_t j = begin; j < end; ++j) {
+    const T* row = rows + j * width;
+    const float s = row_scale(row, d) * scaling;
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qv = q + g * d;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < d; ++i) acc += qv[i] * static_cast<float>(row[i]);
+      lg[g * n + j] = acc * s;
+    }
+  }
+}
+
+// acc (group, d) += sum over rows [begin, end) of p[g * n + j] * row scale * row.
+template <typename T>
+void values_plain(const float* p, const T* rows, int64_t width, int64_t begin, int64_t end, int64_t group,
+                  int64_t d, int64_t n, float* acc) {
+  for (int64_t j = begin; j < end; ++j) {
+    const T* row = rows + j * width;
+    const float vs = row_scale(row, d);
+    for (int64_t g = 0; g < group; ++g) {
+      const float w = p[g * n + j] * vs;
+      float* o = acc + g * d;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) o[i] += w * static_cast<float>(row[i]);
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// 16 stored values widened to float32.
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m512 load16(const BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+// scores_plain with each row widened once into registers and shared by the group's queries.
+template <int D, typename T>
+void scores_simd(const float* q, const T* rows, int64_t width, int64_t begin, int64_t end, int64_t group,
+                 float scaling, float* lg, int64_t n) {
+  constexpr int V = D / 16;
+  for (int64_t j = begin; j < end; ++j) {
+    const T* row = rows + j * width;
+    __m512 r[V];
+    for (int v = 0; v < V; ++v) r[v] = load16(row + 16 * v);
+    const float s = row_scale(row, D) * scaling;
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = q + g * D;
+      __m512 acc = _mm512_mul_ps(r[0], _mm512_loadu_ps(qg));
+      for (int v = 1; v < V; ++v) acc = _mm512_fmadd_ps(r[v], _mm512_loadu_ps(qg + 16 * v), acc);
+      lg[g * n + j] = _mm512_reduce_add_ps(acc) * s;
+    }
+  }
+}
+
+// values_plain with the accumulators of up to four queries held in registers across the rows.
+template <int D, typename T>
+void values_simd(const float* p, const T* rows, int64_t width, int64_t begin, int64_t end, int64_t group,
+                 int64_t n, float* acc) {
+  constexpr int V = D / 16;
+  for (int64_t g0 = 0; g0 < group; g0 += 4) {
+    const int64_t gs = std::min<int64_t>(4, group - g0);
+    __m512 a[4][V];
+    for (int64_t g = 0; g < gs; ++g)
+      for (int v = 0; v < V; ++v) a[g][v] = _mm512_loadu_ps(acc + (g0 + g) * D + 16 * v);
+    for (int64_t j = begin; j < end; ++j) {
+      const T* row = rows + j * width;
+      __m512 r[V];
+      for (int v = 0; v < V; ++v) r[v] = load16(row + 16 * v);
+      const float vs = row_scale(row, D);
+      for (int64_t g = 0; g < gs; ++g) {
+        const __m512 w = _mm512_set1_ps(p[(g0 + g) * n + j] * vs);
+        for (int v = 0; v < V; ++v) a[g][v] = _mm512_fmadd_ps(w, r[v], a[g][v]);
+      }
+    }
+    for (int64_t g = 0; g < gs; ++g)
+      for (int v = 0; v < V; ++v) _mm512_storeu_ps(acc + (g0 + g) * D + 16 * v, a[g][v]);
+  }
+}
+#endif
+
+template <typename T>
+void scores(const float* q, const T* rows, int64_t width, int64_t begin, int64_t end, int64_t group, int64_t d,
+            float scaling, float* lg, int64_t n) {
+#if defined(__AVX512F__)
+  if (d == 64) return scores_simd<64>(q, rows, width, begin, end, group, scaling, lg, n);
+  if (d == 128) return scores_simd<128>(q, rows, width, begin, end, group, scaling, lg, n);
+#endif
+  scores_plain(q, rows, width, begin, end, group, d, scaling, lg, n);
+}
+
+template <typename T>
+void values(const float* p, const T* rows, int64_t width, int64_t begin, int64_t end, int64_t group, int64_t d,
+            int64_t n, float* acc) {
+#if defined(__AVX512F__)
+  if (d == 64) return values_simd<64>(p, rows, width, begin, end, group, n, acc);
+  if (d == 128) return values_simd<128>(p, rows, width, begin, end, group, n, acc);
+#endif
+  values_plain(p, rows, width, begin, end, group, d, n, acc);
+}
+
+// Attention of hq = hkv * group rotated queries q (hq, d) over n stored rows per KV head; out (hq, d). Tokens are
+// split between threads (each thread its own partial output, summed at the end), the softmax is PyTorch's.
+template <typename T>
+void attend(const float* q, const T* keys, const T* vals, int64_t hkv, int64_t capacity, int64_t n, int64_t d,
+            int64_t width, int64_t group, float scaling, float* out) {
+  const int64_t hq = hkv * group;
+  at::Tensor logits = at::empty({hq, n}, at::kFloat);
+  float* lg = logits.data_ptr<float>();
+  at::parallel_for(0, n, kTokenGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t h = 0; h < hkv; ++h)
+      scores(q + h * group * d, keys + h * capacity * width, width, begin, end, group, d, scaling,
+             lg + h * group * n, n);
+  });
+  const at::Tensor probs = at::_softmax(logits, -1, false);  // PyTorch's vectorized exp
+  const float* p = probs.data_ptr<float>();
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> partial(static_cast<size_t>(threads * hq * d), 0.f);
+  at::parallel_for(0, n, kTokenGrain, [&](int64_t begin, int64_t end) {
+    float* acc = partial.data() + at::get_thread_num() * hq * d;
+    for (int64_t h = 0; h < hkv; ++h)
+      values(p + h * group * n, vals + h * capacity * width, width, begin, end, group, d, n, acc + h * group * d);
+  });
+  std::fill(out, out + hq * d, 0.f);
+  for (int64_t t = 0; t < threads; ++t) {
+    const float* part = partial.data() + t * hq * d;
+    for (int64_t i = 0; i < hq * d; ++i) out[i] += part[i];
+  }
+}
+
+class Decoder {
+ public:
+  // tensors: per layer, in order, input_norm, qkv weight, qkv scales, o weight, o scales, post_norm, gate_up weight,
+  // gate_up scales, down weight, down scales, keys, values, positions (13 each); groups: qkv, o, gate_up, down per
+  // layer (4 each). embed (vocab, D) bf16; final_norm (D,) float32; the head int8 with bf16 scales.
+  Decoder(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& groups, at::Tensor embed,
+          at::Tensor final_norm, at::Tensor head_weight, at::Tensor head_scales, int64_t num_heads,
+          int64_t num_kv_heads, int64_t head_dim, int64_t intermediate, double eps, double scaling)
+      : embed_(std::move(embed)),
+        final_norm_(std::move(final_norm)),
+        head_{std::move(head_weight), std::move(head_scales), 0},
+        hq_(num_heads),
+        hkv_(num_kv_heads),
+        dh_(head_dim),
+        inter_(intermediate),
+        eps_(static_cast<float>(eps)),
+        scaling_(static_cast<float>(scaling)) {
+    TORCH_CHECK(tensors.size() == groups.size() / 4 * 13 && groups.size() % 4 == 0, "decoder: bad layer lists");
+    for (size_t l = 0; l < groups.size() / 4; ++l) {
+      const at::Tensor* t = tensors.data() + l * 13;
+      const int64_t* g = groups.data() + l * 4;
+      layers_.push_back(Layer{t[0], t[5], {t[1], t[2], g[0]}, {t[3], t[4], g[1]}, {t[6], t[7], g[2]},
+                              {t[8], t[9], g[3]}, t[10], t[11], t[12]});
+    }
+  }
+
+  // A layer's KV block after the buffer grew (Python reallocated it).
+  void set_kv(int64_t layer, at::Tensor keys, at::Tensor values, at::Tensor positions) {
+    Layer& l = layers_.at(layer);
+    l.keys = std::move(keys), l.values = std::move(values), l.positions = std::move(positions);
+  }
+
+  // Run token at position through every layer, appending its K/V at slot lengths[l] of each layer; logits (vocab,).
+  at::Tensor step(int64_t token, int64_t position, const std::vector<int64_t>& lengths, const at::Tensor& cos,
+                  const at::Tensor& sin) {
+    const int64_t d = embed_.size(1), hq = hq_, hkv = hkv_, dh = dh_;
+    TORCH_CHECK(lengths.size() == layers_.size(), "decoder: one length per layer");
+    std::vector<float> x(d), q(hq * dh), kv(2 * hkv * dh), attn(hq * dh);
+    const BFloat16* e = embed_.data_ptr<BFloat16>() + token * d;
+    for (int64_t i = 0; i < d; ++i) x[i] = static_cast<float>(e[i]);
+    at::Tensor h = at::empty({1, d}, at::kBFloat16), a = at::empty({1, hq * dh}, at::kBFloat16);
+    at::Tensor act = at::empty({1, inter_}, at::kBFloat16);
+    BFloat16 *hp = h.data_ptr<BFloat16>(), *ap = a.data_ptr<BFloat16>(), *actp = act.data_ptr<BFloat16>();
+    const float *c = cos.data_ptr<float>(), *s = sin.data_ptr<float>();
+    for (size_t li = 0; li < layers_.size(); ++li) {
+      const Layer& l = layers_[li];
+      const int64_t slot = lengths[li], capacity = l.keys.size(2), width = l.keys.size(3);
+      TORCH_CHECK(slot < capacity, "decoder: no free KV slot in layer ", li);
+      rms_norm(x.data(), l.input_norm.data_ptr<float>(), eps_, d, hp);
+      const at::Tensor qkv_out = l.qkv(h);  // held: its data is read below
+      const BFloat16* qkv = qkv_out.data_ptr<BFloat16>();
+      for (int64_t i = 0; i < hq * dh; ++i) q[i] = static_cast<float>(qkv[i]);
+      for (int64_t i = 0; i < 2 * hkv * dh; ++i) kv[i] = static_cast<float>(qkv[hq * dh + i]);
+      for (int64_t i = 0; i < hq; ++i) rope(q.data() + i * dh, c, s, dh);
+      int64_t* pos = l.positions.data_ptr<int64_t>();
+      for (int64_t i = 0; i < hkv; ++i) {
+        rope(kv.data() + i * dh, c, s, dh);
+        pos[i * l.positions.size(1) + slot] = position;
+      }
+      if (l.keys.scalar_type() == at::kChar) {
+        append_and_attend(l.keys.data_ptr<int8_t>(), l.values.data_ptr<int8_t>(), kv.data(), q.data(), capacity,
+                          slot, width, attn.data());
+      } else {
+        append_and_attend(l.keys.data_ptr<BFloat16>(), l.values.data_ptr<BFloat16>(), kv.data(), q.data(), capacity,
+                          slot, width, attn.data());
+      }
+      for (int64_t i = 0; i < hq * dh; ++i) ap[i] = BFloat16(attn[i]);
+      add(x.data(), l.o(a), d);
+      rms_norm(x.data(), l.post_norm.data_ptr<float>(), eps_, d, hp);
+      const at::Tensor gu_out = l.gate_up(h);
+      const BFloat16* gu = gu_out.data_ptr<BFloat16>();
+      for (int64_t i = 0; i < inter_; ++i) {
+        const float gate = static_cast<float>(gu[i]);
+        actp[i] = BFloat16(gate / (1.f + std::exp(-gate)) * static_cast<float>(gu[inter_ + i]));
+      }
+      add(x.data(), l.down(act), d);
+    }
+    rms_norm(x.data(), final_norm_.data_ptr<float>(), eps_, d, hp);
+    return head_(h).view({-1}).to(at::kFloat);
+  }
+
+ private:
+  template <typename T>
+  void append_and_attend(T* keys, T* values, const float* kv, const float* q, int64_t capacity, int64_t slot,
+                         int64_t width, float* out) const {
+    for (int64_t i = 0; i < hkv_; ++i) {
+      store_row(kv + i * dh_, dh_, keys + (i * capacity + slot) * width);
+      store_row(kv + (hkv_ + i) * dh_, dh_, values + (i * capacity + slot) * width);
+    }
+    attend(q, keys, values, hkv_, capacity, slot + 1, dh_, width, hq_ / hkv_, scaling_, out);
+  }
+
+  static void add(float* x, const at::Tensor& y, int64_t d) {
+    const BFloat16* p = y.data_ptr<BFloat16>();
+    for (int64_t i = 0; i < d; ++i) x[i] += static_cast<float>(p[i]);
+  }
+
+  std::vector<Layer> layers_;
+  at::Tensor embed_, final_norm_;
+  Linear head_;
+  int64_t hq_, hkv_, dh_, inter_;
+  float eps_, scaling_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<Decoder>(m, "Decoder")
+      .def(pybind11::init<const std::vector<at::Tensor>&, const std::vector<int64_t>&, at::Tensor, at::Tensor,
+                          at::Tensor, at::Tensor, int64_t, int64_t, int64_t, int64_t, double, double>())
+      .def("set_kv", &Decoder::set_kv)
+      .def("step", &Decoder::step, pybind11::call_guard<pybind11::gil_scoped_release>());
+}
