@@ -133,11 +133,21 @@ def weight_bytes_per_token(model: Any) -> int:
     return total
 
 
+FORMAT_KEYS = ("weights_format", "kv_dtype", "decode_step")  # the formats column: int4-g32/int8/fused
+
+
 def worker_tiermem(
-    row: dict[str, Any], steps: int, threads: int, policy_name: str, fast: bool = False, kv_dtype: str | None = None
+    row: dict[str, Any],
+    steps: int,
+    threads: int,
+    policy_name: str,
+    fast: bool = False,
+    kv_dtype: str | None = None,
+    decode_step: str = "auto",
 ) -> dict[str, Any]:
     """tiermem's ``generate`` on the row; ``fast``: in the formats ``--formats fast`` picks (bf16, weights in the
-    checkpoint's bits, int8 KV), else float32; ``kv_dtype`` overrides the preset's KV format."""
+    checkpoint's bits, int8 KV), else float32; ``kv_dtype`` overrides the preset's KV format; ``decode_step``
+    ``python`` turns the fused step off."""
     import argparse
 
     import torch
@@ -159,18 +169,19 @@ def worker_tiermem(
     def policy() -> Any:
         return build("snapkv", kv_budget=SNAPKV_BUDGET) if policy_name == "snapkv" else build("full")
 
-    warm = GenerationConfig(max_new_tokens=WARMUP_STEPS + 1, store=store)
+    warm = GenerationConfig(max_new_tokens=WARMUP_STEPS + 1, store=store, decode_step=decode_step)
     generate(lm, _tiermem_prompt(row, WARMUP_CONTEXT), policy(), warm)
     reset_peak_rss()
     prompt = _tiermem_prompt(row)
     # max_new_tokens = steps + 1: the first new token comes from the prefill's logits, then `steps` decode forwards.
-    r = generate(lm, prompt, policy(), GenerationConfig(max_new_tokens=steps + 1, store=store))
+    config = GenerationConfig(max_new_tokens=steps + 1, store=store, decode_step=decode_step)
+    r = generate(lm, prompt, policy(), config)
     peak = peak_rss_mib()
     weights = weight_bytes_per_token(lm.model)
     return {
         "bytes_per_token": weights + r.stats.kv_bytes_decode,
         "read_bandwidth_gb_s": read_bandwidth_gb_s(threads),
-        "formats": r.stats.extra.get("weights_format", "") + "/" + str(r.stats.extra.get("kv_dtype", "")),
+        "formats": "/".join(str(r.stats.extra.get(k, "")).split(" ")[0] for k in FORMAT_KEYS),
         "prompt_tokens": prompt.num_tokens,
         "prefill_seconds": r.stats.prefill_seconds,
         "decode_seconds": r.stats.decode_seconds,

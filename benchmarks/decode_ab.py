@@ -13,7 +13,9 @@ Variants (each swaps one part and puts it back):
 - ``head-int8``: the LM head on PyTorch's weight-only int8 kernel (the defaults);
 - ``head-fp16``: the head in float16 on fbgemm's fp16 GEMM (``quantized::linear_dynamic_fp16``), float32 logits;
 - ``head-half``: the head in float16 through ``F.linear`` in float16 (oneDNN), logits widened to float32;
-- ``norm-rms``: every RMSNorm as one ``torch.rms_norm`` call; ``norm-ln``: as LayerNorm over ``[x, -x]`` (defaults).
+- ``norm-rms``: every RMSNorm as one ``torch.rms_norm`` call; ``norm-ln``: as LayerNorm over ``[x, -x]`` (defaults);
+- ``fused``: the defaults' compiled decode step (``tiermem.decode_step``) instead of the model's forward (the
+  ``head-int8`` variant is the Python step); both read and extend the same cache.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from torch import nn
 
 from tiermem.attention import patched_attention
 from tiermem.cache import TierCache
-from tiermem.engine import forward, prefill
+from tiermem.decode_step import fused_decoder
+from tiermem.engine import forward_token, prefill
 from tiermem.formats import apply_preset
 from tiermem.kvstore.blocks import StoreConfig
 from tiermem.memory import build
@@ -101,6 +104,7 @@ def variants(model: Any) -> dict[str, Callable[[], None]]:
 
     changes: dict[str, Callable[[], None]] = {name: partial(set_head, name) for name in heads}
     changes |= {"norm-rms": partial(set_norm, _rms_one_call), "norm-ln": partial(set_norm, _one_call)}
+    changes["fused"] = lambda: None  # the defaults; main() runs the compiled step for it
     return {name: partial(defaults_and, change) for name, change in changes.items()}
 
 
@@ -126,14 +130,20 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in chosen}
     with torch.inference_mode(), patched_attention(model):
         token = int(prefill(model, cache, ids, 512).argmax())
+        fused, why = fused_decoder(lm, [cache])
+        if "fused" in chosen and fused is None:
+            raise SystemExit(f"the fused step does not run here: {why}")
+        steps_of = {name: partial(forward_token, model, cache) for name in chosen}
+        if fused is not None:
+            steps_of["fused"] = lambda token: fused.step([cache], [token])[0]
         for name in chosen:  # an untimed step per variant (first calls of its kernels)
             setters[name]()
-            token = int(forward(model, cache, torch.tensor([[token]])).argmax())
+            token = int(steps_of[name](token).argmax())
         for r in range(args.rounds):
             for name in chosen[r % len(chosen) :] + chosen[: r % len(chosen)]:
                 setters[name]()
                 start = time.perf_counter()
-                token = int(forward(model, cache, torch.tensor([[token]])).argmax())
+                token = int(steps_of[name](token).argmax())
                 times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     base = medians[chosen[0]]

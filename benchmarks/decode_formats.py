@@ -29,6 +29,7 @@ from tiermem.bench.haystack import prose_path
 from tiermem.bench.tasks import make_sample
 from tiermem.bench.wikitext import wiki_articles
 from tiermem.cache import TierCache
+from tiermem.decode_step import fused_decoder
 from tiermem.engine import GenerationConfig, forward, generate
 from tiermem.kvstore.blocks import StoreConfig
 from tiermem.memory import registry
@@ -68,14 +69,31 @@ def heldout_ids(lm: LoadedModel, tokens: int) -> torch.Tensor:
     return ids
 
 
-def window_nll(lm: LoadedModel, ids: torch.Tensor, kv_dtype: str, chunk: int) -> tuple[float, int]:
+def fused_nll(lm: LoadedModel, cache: TierCache, ids: torch.Tensor) -> tuple[float, int]:
+    """:func:`window_nll` one token at a time through the fused decode step (the first token by a forward)."""
+    logits = forward(lm.model, cache, ids[:, :1])
+    decoder, why = fused_decoder(lm, [cache])
+    if decoder is None:
+        raise SystemExit(f"the fused step does not run for this format: {why}")
+    total = 0.0
+    for i in range(1, ids.shape[1]):
+        total += float(torch.nn.functional.cross_entropy(logits[None], ids[0, i : i + 1]))
+        if i + 1 < ids.shape[1]:
+            logits = decoder.step([cache], [int(ids[0, i])])[0]
+    return total, ids.shape[1] - 1
+
+
+def window_nll(lm: LoadedModel, ids: torch.Tensor, kv_dtype: str, chunk: int, fused: bool = False) -> tuple[float, int]:
     """Summed negative log-likelihood of ``ids[1:]`` given the previous tokens, fed ``chunk`` at a time through a
-    full-attention TierCache storing KV as ``kv_dtype`` (so every chunk reads the earlier ones in that format)."""
+    full-attention TierCache storing KV as ``kv_dtype`` (so every chunk reads the earlier ones in that format);
+    ``fused``: one token at a time through the fused decode step."""
     cache = TierCache(lm.model, registry.build("full"), StoreConfig(kv_dtype=kv_dtype))
     cache.plan(ids.shape[1], ids.shape[1])
     total, count = 0.0, 0
-    with torch.no_grad(), patched_attention(lm.model):
-        for start in range(0, ids.shape[1] - 1, chunk):
+    with torch.inference_mode(), patched_attention(lm.model):
+        if fused:
+            total, count = fused_nll(lm, cache, ids)
+        for start in range(0, ids.shape[1] - 1 if not fused else 0, chunk):
             part = ids[:, start : start + chunk]
             logits = forward(lm.model, cache, part, every_position=True)  # (T, vocab) float32
             targets = ids[0, start + 1 : start + 1 + part.shape[1]]
@@ -93,14 +111,15 @@ def cmd_ppl(args: argparse.Namespace) -> list[dict[str, Any]]:
         ids = heldout_ids(lm, args.tokens)
         nll, count, kv = 0.0, 0, parse_format(spec)[3]
         for start in range(0, args.tokens, args.window):
-            part_nll, part_count = window_nll(lm, ids[:, start : start + args.window], kv, args.chunk)
+            window = ids[:, start : start + args.window]
+            part_nll, part_count = window_nll(lm, window, kv, args.chunk, args.decode_step == "fused")
             nll, count = nll + part_nll, count + part_count
         rows.append({"format": spec, "weights": lm.weights_format, "tokens": count, "ppl": math.exp(nll / count)})
         print(json.dumps(rows[-1]), flush=True)
         del lm
     base = rows[0]["ppl"]
     print(f"\n{args.model}, held-out Wikipedia prose, {args.tokens} tokens", end="")
-    print(f" in windows of {args.window}, chunk {args.chunk}")
+    print(f" in windows of {args.window}, chunk {args.chunk}, {args.decode_step} step")
     print("| dtype / weights / KV | perplexity | vs first |")
     print("|---|---|---|")
     for row in rows:
@@ -159,6 +178,7 @@ def main() -> None:
     ppl.add_argument("--tokens", type=int, default=8192)
     ppl.add_argument("--window", type=int, default=2048, help="tokens per independent window (fresh cache)")
     ppl.add_argument("--chunk", type=int, default=256, help="tokens per forward inside a window")
+    ppl.add_argument("--decode-step", choices=["python", "fused"], default="python", help="fused: token by token")
     speed = sub.add_parser("speed", help="decode tokens/s per format (full cache, one needle prompt)")
     speed.add_argument("--formats", default=SPEED_FORMATS)
     speed.add_argument("--length", type=int, default=4000)

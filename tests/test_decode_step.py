@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tiermem.attention import patched_attention
 from tiermem.cache import TierCache
-from tiermem.decode_step import FusedDecoder
+from tiermem.decode_step import fused_decoder
 from tiermem.engine import GenerationConfig, forward_token, generate, prefill
 from tiermem.errors import TiermemError
 from tiermem.kvstore.blocks import StoreConfig
@@ -104,14 +104,14 @@ def test_fused_steps_match_the_python_step(mode: str, head_dim: int, kv: str) ->
     ref_cache = _prefilled(reference, "float32", room=4)
     python_error, fused_error = [], []
     with torch.inference_mode():
-        decoder, why = FusedDecoder.build(lm, fused)
+        decoder, why = fused_decoder(lm, [fused])
         assert decoder is not None, why
         for token in (5, 17, 99, 3, 64, 8, 120, 1):  # 8 steps: more than the room planned
             with patched_attention(reference.model):
                 want = forward_token(reference.model, ref_cache, token)
             with patched_attention(lm.model):
                 theirs = forward_token(lm.model, python, token)
-            ours = decoder.step(token)
+            ours = decoder.step([fused], [token])[0]
             assert _relative(theirs, ours) < TOLERANCE
             python_error.append(_relative(want, theirs))
             fused_error.append(_relative(want, ours))
@@ -131,11 +131,28 @@ def test_a_wrong_position_is_outside_the_tolerance() -> None:
     fused = copy.deepcopy(python)
     with torch.inference_mode(), patched_attention(lm.model):
         want = forward_token(lm.model, python, 5)
-        decoder, _ = FusedDecoder.build(lm, fused)
+        decoder, _ = fused_decoder(lm, [fused])
         assert decoder is not None
         for layer in fused.tier_layers:
             layer.seen += 1
-        assert _relative(want, decoder.step(5)) > TOLERANCE
+        assert _relative(want, decoder.step([fused], [5])[0]) > TOLERANCE
+
+
+def test_a_batch_of_caches_steps_as_each_alone() -> None:
+    """Rows at different lengths share the GEMVs; each row's logits and cache are those of its own step."""
+    lm = _lm()
+    short, long = _prefilled(lm, "int8", tokens=40), _prefilled(lm, "bfloat16", tokens=150)
+    alone = [copy.deepcopy(short), copy.deepcopy(long)]
+    with torch.inference_mode(), patched_attention(lm.model):
+        decoder, why = fused_decoder(lm, [short, long])
+        assert decoder is not None, why
+        for tokens in ([5, 9], [17, 3]):
+            both = decoder.step([short, long], tokens)
+            each = torch.cat([decoder.step([c], [t]) for c, t in zip(alone, tokens, strict=True)])
+            assert both.shape == (2, 128) and torch.allclose(both, each, rtol=0, atol=1e-2 * float(each.abs().max()))
+    assert [c.tier_layers[0].seen for c in (short, long)] == [42, 152]
+    for batched, single in zip([short, long], alone, strict=True):
+        assert torch.equal(batched.tier_layers[1].buffer.stored()[0], single.tier_layers[1].buffer.stored()[0])
 
 
 def test_python_reads_on_from_a_fused_cache() -> None:
@@ -143,11 +160,11 @@ def test_python_reads_on_from_a_fused_cache() -> None:
     python = _prefilled(lm, "int8")
     mixed = copy.deepcopy(python)
     with torch.inference_mode(), patched_attention(lm.model):
-        decoder, _ = FusedDecoder.build(lm, mixed)
+        decoder, _ = fused_decoder(lm, [mixed])
         assert decoder is not None
         for token in (5, 17, 99):
             forward_token(lm.model, python, token)
-            decoder.step(token)
+            decoder.step([mixed], [token])
         assert _relative(forward_token(lm.model, python, 7), forward_token(lm.model, mixed, 7)) < TOLERANCE
 
 
@@ -157,9 +174,9 @@ def test_snapkv_runs_fused_once_compressed() -> None:
     assert python.kv_tokens() < 150
     fused = copy.deepcopy(python)
     with torch.inference_mode(), patched_attention(lm.model):
-        decoder, why = FusedDecoder.build(lm, fused)
+        decoder, why = fused_decoder(lm, [fused])
         assert decoder is not None, why
-        assert _relative(forward_token(lm.model, python, 9), decoder.step(9)) < TOLERANCE
+        assert _relative(forward_token(lm.model, python, 9), decoder.step([fused], [9])[0]) < TOLERANCE
 
 
 @pytest.mark.parametrize(
@@ -176,7 +193,7 @@ def test_the_python_step_runs_where_fused_does_not_apply(
 ) -> None:
     lm = _lm(dtype=dtype)
     cache = _prefilled(lm, kv, policy=policy)
-    decoder, why = FusedDecoder.build(lm, cache, mode)
+    decoder, why = fused_decoder(lm, [cache], mode)
     assert decoder is None and reason in why
 
 

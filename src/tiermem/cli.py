@@ -163,6 +163,7 @@ def summary_lines(policy: str, weights: str, stats: Any) -> list[str]:
     if "weights_format" in extra:  # the number formats that ran (also in --json's "extra")
         lines.append(
             f"[formats] weights {extra['weights_format']}, activations {extra['compute_dtype']}, KV {extra['kv_dtype']}"
+            + (f"; decode step {extra['decode_step']}" if "decode_step" in extra else "")
         )
     if weights == "stream":
         lines.append(

@@ -4,30 +4,33 @@ A Python decode step of SmolLM2 dispatches ~2,900 small PyTorch operations, and 
 weights, is most of the step on a 2-core CPU (BENCHMARKS.md). :class:`FusedDecoder` hands the whole step to
 ``csrc/decode_step.cpp`` (:mod:`tiermem.native`): the quantized GEMVs stay on PyTorch's kernels, the rest is plain
 loops. It is the llama.cpp / gpt-fast idea (a graph or a compiled step, not a fork of the model) for the case that
-matters most: greedy or sampled decoding, batch 1, resident weights.
+matters most: greedy or sampled decoding with resident weights.
 
 It runs only where it computes what the Python step computes: a Llama-family bf16 model (SiLU MLP, no biases, no
 sliding window, no soft-capping), resident weights quantized and fused by tiermem's loader (int4 or int8 GEMVs, the
 int8 LM head), no hooks on the model, and every cache layer a dense buffer whose decode step is "append one token,
 attend all of it" (:meth:`tiermem.memory.layer.TierLayer.decode_buffer`: the full cache, and SnapKV and the scorer
 policies once they have compressed), in int8 or bf16. Anything else runs the Python step, and the run's stats say
-which ran and why (``decode_step``). Results match the Python step within bf16 rounding, not bit for bit: the
-residual stream stays in float32 and RoPE tables are float32 here (tests/test_decode_step.py bounds the difference).
+which ran and why (``decode_step``). A batch of caches (the server's running turns) shares each weight GEMV.
+Results match the Python step within bf16 rounding, not bit for bit: the residual stream stays in float32 and RoPE
+tables are float32 here. Against float32 over the same quantized weights the fused step is no further off than the
+Python step (tests/test_decode_step.py).
 """
 
 from __future__ import annotations
 
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
 
 from tiermem.cache import TierCache
 from tiermem.kvstore.dense import KVBuffer
-from tiermem.layer_info import decoder_layers
+from tiermem.layer_info import decoder_layers, describe_layers
 from tiermem.models import LoadedModel
 from tiermem.native import decode_extension
-from tiermem.rope import Rope
+from tiermem.rope import DYNAMIC_TYPES, Rope
 from tiermem.weights.fuse import GATE_UP, fused_qkv
 from tiermem.weights.quant import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 
@@ -67,11 +70,13 @@ def _model_reason(lm: LoadedModel) -> str:
         parts = [_linear(layer.self_attn.o_proj), _linear(layer.mlp.down_proj)]
         if fused_qkv(layer.self_attn) is None or layer.mlp.__dict__.get(GATE_UP) is None or None in parts:
             return "weights not quantized and fused by tiermem's loader"
+    if getattr(model.model.rotary_emb, "rope_type", "default") in DYNAMIC_TYPES:
+        return "RoPE frequencies depend on the length"
     return ""
 
 
-def _buffer_reason(cache: TierCache) -> str:
-    """Why the cache's layers cannot run the fused step ("" when they can)."""
+def cache_reason(cache: TierCache) -> str:
+    """Why this cache's layers cannot run the fused step ("" when they can)."""
     buffers = [layer.decode_buffer() for layer in cache.tier_layers]
     if any(b is None or type(b) is not KVBuffer for b in buffers):
         return f"policy {cache.policy.name} does more than append and attend at a decode step"
@@ -85,31 +90,27 @@ def _buffer_reason(cache: TierCache) -> str:
 
 
 class FusedDecoder:
-    """The compiled decode step over one model and one cache; :meth:`step` replaces ``engine.forward`` for one
-    token. Build it with :meth:`build` once the prompt is in (after any compression)."""
+    """The compiled decode step over one model's weights; :meth:`step` feeds one token to each of a batch of caches
+    (a batch of one in ``generate``; the server's running turns). Get it from :func:`fused_decoder`."""
 
-    def __init__(self, native: Any, lm: LoadedModel, cache: TierCache):
-        self.layers = cache.tier_layers
-        self.buffers: list[KVBuffer] = [layer.decode_buffer() for layer in self.layers]
-        model, info = lm.model, cache.infos[0]
-        rope = info.rope
-        assert rope.inv_freq is not None
-        self.rope: Rope = rope
-        tensors: list[torch.Tensor] = []
+    def __init__(self, native: Any, lm: LoadedModel):
+        model, info = lm.model, describe_layers(lm.model)[0]
+        assert info.rope.inv_freq is not None
+        self.rope: Rope = info.rope
+        weights: list[torch.Tensor] = []
         groups: list[int] = []
-        for layer, buffer in zip(decoder_layers(model), self.buffers, strict=True):
-            qkv = fused_qkv(layer.self_attn)
-            gate_up = layer.mlp.__dict__[GATE_UP]
+        for layer in decoder_layers(model):
+            qkv, gate_up = fused_qkv(layer.self_attn), layer.mlp.__dict__[GATE_UP]
+            assert qkv is not None
             linears = [_linear(qkv.module), _linear(layer.self_attn.o_proj)]
             linears += [_linear(gate_up.module), _linear(layer.mlp.down_proj)]
             (qw, qs, qg), (ow, os_, og), (gw, gs, gg), (dw, ds, dg) = linears  # type: ignore[misc]
             norms = [layer.input_layernorm.weight.float(), layer.post_attention_layernorm.weight.float()]
-            tensors += [norms[0], qw, qs, ow, os_, norms[1], gw, gs, dw, ds, buffer.keys, buffer.values]
-            tensors.append(buffer.positions)
+            weights += [norms[0], qw, qs, ow, os_, norms[1], gw, gs, dw, ds]
             groups += [qg, og, gg, dg]
         config = model.config
         self.native = native.Decoder(
-            tensors,
+            weights,
             groups,
             model.model.embed_tokens.weight,
             model.model.norm.weight.float(),
@@ -123,39 +124,55 @@ class FusedDecoder:
             info.scaling,
         )
 
-    @classmethod
-    def build(cls, lm: LoadedModel, cache: TierCache, mode: str = "auto") -> tuple[FusedDecoder | None, str]:
-        """The fused step for this model and cache, or None and the reason the Python step runs."""
-        if mode == "python":
-            return None, "--decode-step python"
-        reason = _model_reason(lm) or _buffer_reason(cache)
-        if not reason and cache.infos[0].rope.inv_freq is None:
-            reason = "RoPE frequencies depend on the length"
-        if reason:
-            return None, reason
+    def _rope_tables(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (B, head_dim) float32 at ``positions``, from float64 angles (as :class:`tiermem.rope.Rope`)."""
+        assert self.rope.inv_freq is not None
+        freqs = torch.tensor(positions, dtype=torch.float64)[:, None] * self.rope.inv_freq[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return (angles.cos() * self.rope.scaling).float(), (angles.sin() * self.rope.scaling).float()
+
+    def step(self, caches: list[TierCache], tokens: list[int]) -> torch.Tensor:
+        """Append ``tokens[i]`` to every layer of ``caches[i]`` (each passed by :func:`cache_reason`) and return the
+        next-token logits (B, vocab) float32."""
+        blocks: list[torch.Tensor] = []
+        slots: list[int] = []
+        buffers: list[KVBuffer] = []
+        positions = [cache.tier_layers[0].seen for cache in caches]
+        for cache in caches:
+            for layer in cache.tier_layers:
+                buffer = layer.decode_buffer()
+                assert buffer is not None
+                if buffer.length >= buffer.capacity:  # grow as KVBuffer.append would
+                    grown = max(int(buffer.capacity * 1.25), buffer.capacity + buffer.min_growth)
+                    buffer.reserve(max(buffer.length + 1, grown))
+                    layer.report()
+                blocks += [buffer.keys, buffer.values, buffer.positions]
+                slots.append(buffer.length)
+                buffers.append(buffer)
+        cos, sin = self._rope_tables(positions)
+        logits = self.native.step(tokens, positions, blocks, slots, cos, sin)
+        for buffer in buffers:
+            buffer.length += 1
+        for cache in caches:
+            for layer in cache.tier_layers:
+                layer.seen += 1
+        return logits
+
+
+_DECODERS: WeakKeyDictionary[nn.Module, FusedDecoder] = WeakKeyDictionary()  # one per model: its weights' list
+
+
+def fused_decoder(lm: LoadedModel, caches: list[TierCache], mode: str = "auto") -> tuple[FusedDecoder | None, str]:
+    """The fused step for this model and these caches, or None and the reason the Python step runs."""
+    if mode == "python":
+        return None, "--decode-step python"
+    reason = _model_reason(lm) or next((r for r in map(cache_reason, caches) if r), "")
+    if reason:
+        return None, reason
+    decoder = _DECODERS.get(lm.model)
+    if decoder is None:
         native, reason = decode_extension()
         if native is None:
             return None, reason
-        return cls(native, lm, cache), ""
-
-    def _rope_tables(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin (head_dim,) float32 at ``position``, from float64 angles (as :class:`tiermem.rope.Rope`)."""
-        assert self.rope.inv_freq is not None
-        freqs = self.rope.inv_freq * position
-        angles = torch.cat((freqs, freqs))
-        return (angles.cos() * self.rope.scaling).float(), (angles.sin() * self.rope.scaling).float()
-
-    def step(self, token: int) -> torch.Tensor:
-        """Append ``token`` to every layer and return the next token's logits (vocab,) float32."""
-        position = self.layers[0].seen
-        for index, (layer, buffer) in enumerate(zip(self.layers, self.buffers, strict=True)):
-            if buffer.length >= buffer.capacity:  # grow as KVBuffer.append would, and give the new block over
-                buffer.reserve(max(buffer.length + 1, int(buffer.capacity * 1.25), buffer.capacity + buffer.min_growth))
-                self.native.set_kv(index, buffer.keys, buffer.values, buffer.positions)
-                layer.report()
-        cos, sin = self._rope_tables(position)
-        logits = self.native.step(token, position, [b.length for b in self.buffers], cos, sin)
-        for layer, buffer in zip(self.layers, self.buffers, strict=True):
-            buffer.length += 1
-            layer.seen += 1
-        return logits
+        decoder = _DECODERS[lm.model] = FusedDecoder(native, lm)
+    return decoder, ""

@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 
 from tiermem.attention import patched_attention
 from tiermem.cache import TierCache, store_for
-from tiermem.decode_step import DECODE_STEPS, FusedDecoder
+from tiermem.decode_step import DECODE_STEPS, FusedDecoder, fused_decoder
 from tiermem.errors import TiermemError
 from tiermem.kvstore.blocks import StoreConfig
 from tiermem.kvstore.quant import kv_format
@@ -80,6 +80,11 @@ def forward(model: PreTrainedModel, cache: TierCache, ids: torch.Tensor, every_p
 def forward_token(model: PreTrainedModel, cache: TierCache, token: int) -> torch.Tensor:
     """One decode step through the model: the logits (vocab,) after ``token``."""
     return forward(model, cache, torch.tensor([[token]]))
+
+
+def fused_token(decoder: FusedDecoder, cache: TierCache, token: int) -> torch.Tensor:
+    """One decode step by the fused step: the logits (vocab,) after ``token``."""
+    return decoder.step([cache], [token])[0]
 
 
 def surprise(previous: torch.Tensor | None, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -263,9 +268,9 @@ def _run(
             if question.shape[1]:
                 logits = prefill(lm.model, cache, question, config.chunk_size, logits)
         assert logits is not None
-        fused, why = FusedDecoder.build(lm, cache, config.decode_step)
+        fused, why = fused_decoder(lm, [cache], config.decode_step)
         stats.extra["decode_step"] = "fused" if fused is not None else f"python ({why})"
-        step = fused.step if fused is not None else partial(forward_token, lm.model, cache)
+        step = partial(fused_token, fused, cache) if fused is not None else partial(forward_token, lm.model, cache)
         ids: list[int] = []
         finish, text = "length", ""
         while True:

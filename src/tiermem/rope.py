@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 # RoPE types whose frequencies depend on the sequence length at run time: ask the module itself.
-_DYNAMIC_TYPES = ("dynamic", "longrope")
+DYNAMIC_TYPES = ("dynamic", "longrope")
 RECENT_STEPS = 64  # memoized single positions: one per row of the largest decode batch, with room to spare
 
 
@@ -62,7 +62,7 @@ class Rope:
         prefix = f"{layer_type}_" if self._kwargs else ""
         rope_type = rotary_emb.rope_type[layer_type] if self._kwargs else rotary_emb.rope_type
         self.inv_freq: torch.Tensor | None = None
-        if rope_type not in _DYNAMIC_TYPES:
+        if rope_type not in DYNAMIC_TYPES:
             self.inv_freq = getattr(rotary_emb, f"{prefix}inv_freq").double()
             self.scaling = float(getattr(rotary_emb, f"{prefix}attention_scaling"))
         self._last: tuple[int, int, torch.Tensor, torch.Tensor] | None = None

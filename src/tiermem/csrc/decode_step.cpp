@@ -1,4 +1,5 @@
-// One decode step of a Llama-family model in one call: every decoder layer for one token (tiermem.decode_step).
+// One decode step of a Llama-family model in one call: every decoder layer for one token of each row of a batch
+// (tiermem.decode_step).
 //
 // Why: a Python decode step of SmolLM2 dispatches ~2,900 small operations, and on a 2-core CPU that dispatch, not
 // the weights' bytes, is most of the step (BENCHMARKS.md, "Where a 512-token step goes"). Here the small work of a
@@ -45,7 +46,12 @@ struct Linear {
 struct Layer {
   at::Tensor input_norm, post_norm;  // (D,) float32
   Linear qkv, o, gate_up, down;
-  at::Tensor keys, values, positions;  // (1, Hkv, capacity, W) int8 or bf16; (Hkv, capacity) int64
+};
+
+// One row's KV block of one layer, as tiermem.kvstore.dense.KVBuffer holds it.
+struct Block {
+  const at::Tensor &keys, &values, &positions;  // (1, Hkv, capacity, W) int8 or bf16; (Hkv, capacity) int64
+  int64_t slot;                                 // where this step's token goes (the tokens stored before it)
 };
 
 // RMSNorm of x (d) times w, rounded once to bf16 (tiermem.norms' one-rounding form).
@@ -226,10 +232,10 @@ void attend(const float* q, const T* keys, const T* vals, int64_t hkv, int64_t c
 
 class Decoder {
  public:
-  // tensors: per layer, in order, input_norm, qkv weight, qkv scales, o weight, o scales, post_norm, gate_up weight,
-  // gate_up scales, down weight, down scales, keys, values, positions (13 each); groups: qkv, o, gate_up, down per
-  // layer (4 each). embed (vocab, D) bf16; final_norm (D,) float32; the head int8 with bf16 scales.
-  Decoder(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& groups, at::Tensor embed,
+  // weights: per layer, in order, input_norm, qkv weight, qkv scales, o weight, o scales, post_norm, gate_up weight,
+  // gate_up scales, down weight, down scales (10 each); groups: qkv, o, gate_up, down per layer (4 each). embed
+  // (vocab, D) bf16; final_norm (D,) float32; the head int8 with bf16 scales.
+  Decoder(const std::vector<at::Tensor>& weights, const std::vector<int64_t>& groups, at::Tensor embed,
           at::Tensor final_norm, at::Tensor head_weight, at::Tensor head_scales, int64_t num_heads,
           int64_t num_kv_heads, int64_t head_dim, int64_t intermediate, double eps, double scaling)
       : embed_(std::move(embed)),
@@ -241,71 +247,84 @@ class Decoder {
         inter_(intermediate),
         eps_(static_cast<float>(eps)),
         scaling_(static_cast<float>(scaling)) {
-    TORCH_CHECK(tensors.size() == groups.size() / 4 * 13 && groups.size() % 4 == 0, "decoder: bad layer lists");
+    TORCH_CHECK(weights.size() == groups.size() / 4 * 10 && groups.size() % 4 == 0, "decoder: bad layer lists");
     for (size_t l = 0; l < groups.size() / 4; ++l) {
-      const at::Tensor* t = tensors.data() + l * 13;
+      const at::Tensor* t = weights.data() + l * 10;
       const int64_t* g = groups.data() + l * 4;
       layers_.push_back(Layer{t[0], t[5], {t[1], t[2], g[0]}, {t[3], t[4], g[1]}, {t[6], t[7], g[2]},
-                              {t[8], t[9], g[3]}, t[10], t[11], t[12]});
+                              {t[8], t[9], g[3]}});
     }
   }
 
-  // A layer's KV block after the buffer grew (Python reallocated it).
-  void set_kv(int64_t layer, at::Tensor keys, at::Tensor values, at::Tensor positions) {
-    Layer& l = layers_.at(layer);
-    l.keys = std::move(keys), l.values = std::move(values), l.positions = std::move(positions);
-  }
-
-  // Run token at position through every layer, appending its K/V at slot lengths[l] of each layer; logits (vocab,).
-  at::Tensor step(int64_t token, int64_t position, const std::vector<int64_t>& lengths, const at::Tensor& cos,
+  // One token per row through every layer; the rows share the GEMVs (one call of M = B rows per weight) and each
+  // attends its own cache. kv: per row, per layer, keys, values, positions (3 * B * L); slots: per row, per layer,
+  // the tokens stored before this step (B * L); cos and sin (B, head_dim) float32. Returns logits (B, vocab).
+  at::Tensor step(const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions,
+                  const std::vector<at::Tensor>& kv, const std::vector<int64_t>& slots, const at::Tensor& cos,
                   const at::Tensor& sin) {
+    const int64_t rows = static_cast<int64_t>(tokens.size()), nl = static_cast<int64_t>(layers_.size());
     const int64_t d = embed_.size(1), hq = hq_, hkv = hkv_, dh = dh_;
-    TORCH_CHECK(lengths.size() == layers_.size(), "decoder: one length per layer");
-    std::vector<float> x(d), q(hq * dh), kv(2 * hkv * dh), attn(hq * dh);
-    const BFloat16* e = embed_.data_ptr<BFloat16>() + token * d;
-    for (int64_t i = 0; i < d; ++i) x[i] = static_cast<float>(e[i]);
-    at::Tensor h = at::empty({1, d}, at::kBFloat16), a = at::empty({1, hq * dh}, at::kBFloat16);
-    at::Tensor act = at::empty({1, inter_}, at::kBFloat16);
-    BFloat16 *hp = h.data_ptr<BFloat16>(), *ap = a.data_ptr<BFloat16>(), *actp = act.data_ptr<BFloat16>();
-    const float *c = cos.data_ptr<float>(), *s = sin.data_ptr<float>();
-    for (size_t li = 0; li < layers_.size(); ++li) {
-      const Layer& l = layers_[li];
-      const int64_t slot = lengths[li], capacity = l.keys.size(2), width = l.keys.size(3);
-      TORCH_CHECK(slot < capacity, "decoder: no free KV slot in layer ", li);
-      rms_norm(x.data(), l.input_norm.data_ptr<float>(), eps_, d, hp);
-      const at::Tensor qkv_out = l.qkv(h);  // held: its data is read below
-      const BFloat16* qkv = qkv_out.data_ptr<BFloat16>();
-      for (int64_t i = 0; i < hq * dh; ++i) q[i] = static_cast<float>(qkv[i]);
-      for (int64_t i = 0; i < 2 * hkv * dh; ++i) kv[i] = static_cast<float>(qkv[hq * dh + i]);
-      for (int64_t i = 0; i < hq; ++i) rope(q.data() + i * dh, c, s, dh);
-      int64_t* pos = l.positions.data_ptr<int64_t>();
-      for (int64_t i = 0; i < hkv; ++i) {
-        rope(kv.data() + i * dh, c, s, dh);
-        pos[i * l.positions.size(1) + slot] = position;
-      }
-      if (l.keys.scalar_type() == at::kChar) {
-        append_and_attend(l.keys.data_ptr<int8_t>(), l.values.data_ptr<int8_t>(), kv.data(), q.data(), capacity,
-                          slot, width, attn.data());
-      } else {
-        append_and_attend(l.keys.data_ptr<BFloat16>(), l.values.data_ptr<BFloat16>(), kv.data(), q.data(), capacity,
-                          slot, width, attn.data());
-      }
-      for (int64_t i = 0; i < hq * dh; ++i) ap[i] = BFloat16(attn[i]);
-      add(x.data(), l.o(a), d);
-      rms_norm(x.data(), l.post_norm.data_ptr<float>(), eps_, d, hp);
-      const at::Tensor gu_out = l.gate_up(h);
-      const BFloat16* gu = gu_out.data_ptr<BFloat16>();
-      for (int64_t i = 0; i < inter_; ++i) {
-        const float gate = static_cast<float>(gu[i]);
-        actp[i] = BFloat16(gate / (1.f + std::exp(-gate)) * static_cast<float>(gu[inter_ + i]));
-      }
-      add(x.data(), l.down(act), d);
+    TORCH_CHECK(positions.size() == tokens.size() && slots.size() == tokens.size() * layers_.size() &&
+                    kv.size() == 3 * slots.size(),
+                "decoder: one position per row, one block per row and layer");
+    std::vector<float> x(rows * d), q(hq * dh), kvrow(2 * hkv * dh), attn(hq * dh);
+    for (int64_t r = 0; r < rows; ++r) {
+      const BFloat16* e = embed_.data_ptr<BFloat16>() + tokens[r] * d;
+      for (int64_t i = 0; i < d; ++i) x[r * d + i] = static_cast<float>(e[i]);
     }
-    rms_norm(x.data(), final_norm_.data_ptr<float>(), eps_, d, hp);
-    return head_(h).view({-1}).to(at::kFloat);
+    at::Tensor h = at::empty({rows, d}, at::kBFloat16), a = at::empty({rows, hq * dh}, at::kBFloat16);
+    at::Tensor act = at::empty({rows, inter_}, at::kBFloat16);
+    BFloat16 *hp = h.data_ptr<BFloat16>(), *ap = a.data_ptr<BFloat16>(), *actp = act.data_ptr<BFloat16>();
+    for (int64_t li = 0; li < nl; ++li) {
+      const Layer& l = layers_[li];
+      for (int64_t r = 0; r < rows; ++r) rms_norm(&x[r * d], l.input_norm.data_ptr<float>(), eps_, d, hp + r * d);
+      const at::Tensor qkv_out = l.qkv(h);  // (B, (Hq + 2 Hkv) * dh), held: its data is read below
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t at_ = r * nl + li;
+        const Block block{kv[3 * at_], kv[3 * at_ + 1], kv[3 * at_ + 2], slots[at_]};
+        const BFloat16* qkv = qkv_out.data_ptr<BFloat16>() + r * qkv_out.size(1);
+        for (int64_t i = 0; i < hq * dh; ++i) q[i] = static_cast<float>(qkv[i]);
+        for (int64_t i = 0; i < 2 * hkv * dh; ++i) kvrow[i] = static_cast<float>(qkv[hq * dh + i]);
+        const float *c = cos.data_ptr<float>() + r * dh, *s = sin.data_ptr<float>() + r * dh;
+        for (int64_t i = 0; i < hq; ++i) rope(q.data() + i * dh, c, s, dh);
+        for (int64_t i = 0; i < hkv; ++i) rope(kvrow.data() + i * dh, c, s, dh);
+        append_and_attend(block, positions[r], kvrow.data(), q.data(), attn.data());
+        for (int64_t i = 0; i < hq * dh; ++i) ap[r * hq * dh + i] = BFloat16(attn[i]);
+      }
+      add(x.data(), l.o(a), rows * d);
+      for (int64_t r = 0; r < rows; ++r) rms_norm(&x[r * d], l.post_norm.data_ptr<float>(), eps_, d, hp + r * d);
+      const at::Tensor gu_out = l.gate_up(h);  // (B, 2 * intermediate): gate then up
+      const BFloat16* gu = gu_out.data_ptr<BFloat16>();
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t i = 0; i < inter_; ++i) {
+          const float gate = static_cast<float>(gu[r * 2 * inter_ + i]);
+          const float up = static_cast<float>(gu[r * 2 * inter_ + inter_ + i]);
+          actp[r * inter_ + i] = BFloat16(gate / (1.f + std::exp(-gate)) * up);
+        }
+      }
+      add(x.data(), l.down(act), rows * d);
+    }
+    for (int64_t r = 0; r < rows; ++r) rms_norm(&x[r * d], final_norm_.data_ptr<float>(), eps_, d, hp + r * d);
+    return head_(h).to(at::kFloat);
   }
 
  private:
+  // Store this token's rotated key and value (kv: Hkv keys then Hkv values) at the block's slot and attend the
+  // block's slot + 1 rows with the rotated queries q (Hq, dh); out (Hq, dh).
+  void append_and_attend(const Block& b, int64_t position, const float* kv, const float* q, float* out) const {
+    const int64_t capacity = b.keys.size(2), width = b.keys.size(3);
+    TORCH_CHECK(b.slot < capacity && b.keys.is_contiguous() && b.values.is_contiguous(), "decoder: bad KV block");
+    int64_t* pos = b.positions.data_ptr<int64_t>();
+    for (int64_t i = 0; i < hkv_; ++i) pos[i * b.positions.size(1) + b.slot] = position;
+    if (b.keys.scalar_type() == at::kChar) {
+      append_and_attend(b.keys.data_ptr<int8_t>(), b.values.data_ptr<int8_t>(), kv, q, capacity, b.slot, width, out);
+    } else {
+      TORCH_CHECK(b.keys.scalar_type() == at::kBFloat16, "decoder: KV rows must be int8 or bfloat16");
+      append_and_attend(b.keys.data_ptr<BFloat16>(), b.values.data_ptr<BFloat16>(), kv, q, capacity, b.slot, width,
+                        out);
+    }
+  }
+
   template <typename T>
   void append_and_attend(T* keys, T* values, const float* kv, const float* q, int64_t capacity, int64_t slot,
                          int64_t width, float* out) const {
@@ -316,9 +335,9 @@ class Decoder {
     attend(q, keys, values, hkv_, capacity, slot + 1, dh_, width, hq_ / hkv_, scaling_, out);
   }
 
-  static void add(float* x, const at::Tensor& y, int64_t d) {
+  static void add(float* x, const at::Tensor& y, int64_t n) {
     const BFloat16* p = y.data_ptr<BFloat16>();
-    for (int64_t i = 0; i < d; ++i) x[i] += static_cast<float>(p[i]);
+    for (int64_t i = 0; i < n; ++i) x[i] += static_cast<float>(p[i]);
   }
 
   std::vector<Layer> layers_;
@@ -334,6 +353,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Decoder>(m, "Decoder")
       .def(pybind11::init<const std::vector<at::Tensor>&, const std::vector<int64_t>&, at::Tensor, at::Tensor,
                           at::Tensor, at::Tensor, int64_t, int64_t, int64_t, int64_t, double, double>())
-      .def("set_kv", &Decoder::set_kv)
       .def("step", &Decoder::step, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
