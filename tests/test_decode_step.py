@@ -139,7 +139,8 @@ def test_a_wrong_position_is_outside_the_tolerance() -> None:
 
 
 def test_a_batch_of_caches_steps_as_each_alone() -> None:
-    """Rows at different lengths share the GEMVs; each row's logits and cache are those of its own step."""
+    """Rows at different lengths share the GEMVs; each row's logits and cache are those of its own step, bit for
+    bit (the GEMV kernels compute each row alone)."""
     lm = _lm()
     short, long = _prefilled(lm, "int8", tokens=40), _prefilled(lm, "bfloat16", tokens=150)
     alone = [copy.deepcopy(short), copy.deepcopy(long)]
@@ -149,7 +150,7 @@ def test_a_batch_of_caches_steps_as_each_alone() -> None:
         for tokens in ([5, 9], [17, 3]):
             both = decoder.step([short, long], tokens)
             each = torch.cat([decoder.step([c], [t]) for c, t in zip(alone, tokens, strict=True)])
-            assert both.shape == (2, 128) and torch.allclose(both, each, rtol=0, atol=1e-2 * float(each.abs().max()))
+            assert both.shape == (2, 128) and torch.equal(both, each)
     assert [c.tier_layers[0].seen for c in (short, long)] == [42, 152]
     for batched, single in zip([short, long], alone, strict=True):
         assert torch.equal(batched.tier_layers[1].buffer.stored()[0], single.tier_layers[1].buffer.stored()[0])

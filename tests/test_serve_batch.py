@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from tiermem.attention import patched_attention
 from tiermem.cache import TierCache
 from tiermem.engine import forward, prefill
 from tiermem.memory import registry
+from tiermem.models import LoadedModel
 from tiermem.serve.batch import decode_step
 
 POLICIES = ["full", "streaming", "snapkv", "infllm", "emllm-small"]
@@ -36,6 +39,7 @@ def _caches(model: torch.nn.Module, name: str, prompts: list[torch.Tensor]) -> t
 def test_batched_steps_equal_one_row_at_a_time(arch: str, name: str) -> None:
     """Rows of different lengths, each under its own cache: greedy tokens equal the unbatched run's, logits close."""
     model = tiny(arch)
+    lm = LoadedModel(name=arch, model=model, tokenizer=None, source=Path("."))  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 128, (1, n), generator=gen) for n in (70, 33, 101)]
     with torch.inference_mode(), patched_attention(model):
@@ -43,7 +47,7 @@ def test_batched_steps_equal_one_row_at_a_time(arch: str, name: str) -> None:
         alone, alone_tokens = _caches(model, name, prompts)
         assert tokens == alone_tokens
         for _ in range(8):
-            rows = decode_step(model, batched, tokens)  # (3, vocab)
+            rows = decode_step(lm, batched, tokens)  # (3, vocab); float32: the model's batched forward
             single = torch.stack([forward(model, c, torch.tensor([[t]])) for c, t in zip(alone, tokens, strict=True)])
             torch.testing.assert_close(rows, single, rtol=1e-4, atol=1e-4)
             tokens = rows.argmax(dim=-1).tolist()

@@ -5,17 +5,22 @@ under its own session's :class:`TierCache` and policy state (``tiermem.attention
 has ``rows``). Rows sit at different positions, which is fine: tiermem layers rotate by their own ``seen`` count and
 mask by position, so no padding and no attention mask are needed.
 
+Where the model and every row's policy allow it, the step is tiermem's fused decode step
+(:mod:`tiermem.decode_step`: one compiled call for the batch, each weight read once for all rows); otherwise the
+model's forward.
+
 Prefill stays one session at a time (prompts differ in length; chunked prefill already bounds its activations).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from tiermem.cache import TierCache
+from tiermem.decode_step import fused_decoder
 from tiermem.engine import forward
+from tiermem.models import LoadedModel
 
 
 class BatchCache(Cache):
@@ -28,8 +33,13 @@ class BatchCache(Cache):
         super().__init__(layers=list(rows[0].tier_layers))
 
 
-def decode_step(model: PreTrainedModel, caches: list[TierCache], tokens: list[int]) -> torch.Tensor:
-    """Feed one token to each cache, all in one forward; the next-token logits (B, vocab) in float32."""
+def decode_step(lm: LoadedModel, caches: list[TierCache], tokens: list[int], mode: str = "auto") -> torch.Tensor:
+    """Feed one token to each cache, all in one step; the next-token logits (B, vocab) in float32. ``mode``
+    ``python`` always takes the model's forward (``tiermem.decode_step.DECODE_STEPS``)."""
+    fused, _ = fused_decoder(lm, caches, mode)
+    if fused is not None:
+        return fused.step(caches, tokens)
+    model = lm.model
     if len(caches) == 1:
         return forward(model, caches[0], torch.tensor([tokens]))[None]
     ids = torch.tensor(tokens).unsqueeze(1)  # (B, 1)

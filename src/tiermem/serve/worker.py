@@ -370,7 +370,7 @@ class ModelWorker:
                 cache.observe_tokens(cache.get_seq_length(), token_pieces(cache, [token]))
         caches = [t.session.cache for t in batch if t.session.cache is not None]
         tokens = [t.token for t in batch if t.token is not None]
-        logits = decode_step(self.lm.model, caches, tokens)
+        logits = decode_step(self.lm, caches, tokens)
         self.metrics.decode_step(len(batch))
         for turn, token, row in zip(batch, tokens, logits, strict=True):
             turn.session.tokens = np.append(turn.session.tokens, token)
