@@ -10,8 +10,8 @@
 // this path (BENCHMARKS.md), so the step is written out.
 //
 // Numerics: the residual stream stays in float32 between layers (the Python path rounds it to bf16 after every
-// add), each GEMV's input is rounded to bf16 as the kernels take it, attention accumulates in float32 and its
-// softmax runs on PyTorch's kernel. KV rows are stored exactly as tiermem.kvstore.quant encodes them (int8: D values
+// add), each GEMV's input is rounded to bf16 as the kernels take it, attention and its softmax run in float32 (exp
+// by Cephes' polynomial on AVX-512). KV rows are stored exactly as tiermem.kvstore.quant encodes them (int8: D values
 // then a float32 scale, absmax / 127, round half to even), so a cache filled here reads the same everywhere else.
 #include <torch/extension.h>
 
@@ -179,7 +179,43 @@ void values_simd(const float* p, const T* rows, int64_t width, int64_t begin, in
       for (int v = 0; v < V; ++v) _mm512_storeu_ps(acc + (g0 + g) * D + 16 * v, a[g][v]);
   }
 }
+
+// exp(x) for x <= 0, Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-7 polynomial for e^r, times 2^n (about
+// 1 ulp; inputs below -87.3 give about 1e-38 instead of a denormal or 0, which no softmax sum notices).
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
 #endif
+
+// x[i] = exp(x[i] - m) for i < n; returns their sum.
+float exp_sum(float* x, int64_t n, float m) {
+  float sum = 0.f;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  const __m512 mv = _mm512_set1_ps(m);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + i), mv));
+    _mm512_storeu_ps(x + i, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) sum += (x[i] = std::exp(x[i] - m));
+  return sum;
+}
 
 template <typename T>
 void scores(const float* q, const T* rows, int64_t width, int64_t begin, int64_t end, int64_t group, int64_t d,
@@ -201,32 +237,46 @@ void values(const float* p, const T* rows, int64_t width, int64_t begin, int64_t
   values_plain(p, rows, width, begin, end, group, d, n, acc);
 }
 
-// Attention of hq = hkv * group rotated queries q (hq, d) over n stored rows per KV head; out (hq, d). Tokens are
-// split between threads (each thread its own partial output, summed at the end), the softmax is PyTorch's.
+// Attention of hq = hkv * group rotated queries q (hq, d) over n stored rows per KV head; out (hq, d). The tokens are
+// split into one span per thread (flash-decoding): each span's scores, softmax numerators against the span's own
+// maximum and weighted values in one pass, then the spans merged by log-sum-exp.
 template <typename T>
 void attend(const float* q, const T* keys, const T* vals, int64_t hkv, int64_t capacity, int64_t n, int64_t d,
             int64_t width, int64_t group, float scaling, float* out) {
   const int64_t hq = hkv * group;
-  at::Tensor logits = at::empty({hq, n}, at::kFloat);
-  float* lg = logits.data_ptr<float>();
-  at::parallel_for(0, n, kTokenGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t h = 0; h < hkv; ++h)
-      scores(q + h * group * d, keys + h * capacity * width, width, begin, end, group, d, scaling,
-             lg + h * group * n, n);
+  const int64_t spans = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kTokenGrain));
+  const int64_t per = (n + spans - 1) / spans;
+  std::vector<float> lg(static_cast<size_t>(hq * n)), peak(spans * hq), total(spans * hq);
+  std::vector<float> acc(static_cast<size_t>(spans * hq * d), 0.f);
+  at::parallel_for(0, spans, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const int64_t begin = c * per, end = std::min(n, begin + per);
+      for (int64_t h = 0; h < hkv; ++h)
+        scores(q + h * group * d, keys + h * capacity * width, width, begin, end, group, d, scaling,
+               lg.data() + h * group * n, n);
+      for (int64_t i = 0; i < hq; ++i) {
+        float* row = lg.data() + i * n + begin;
+        const float m = *std::max_element(row, row + (end - begin));
+        peak[c * hq + i] = m;
+        total[c * hq + i] = exp_sum(row, end - begin, m);
+      }
+      for (int64_t h = 0; h < hkv; ++h)
+        values(lg.data() + h * group * n, vals + h * capacity * width, width, begin, end, group, d, n,
+               acc.data() + (c * hq + h * group) * d);
+    }
   });
-  const at::Tensor probs = at::_softmax(logits, -1, false);  // PyTorch's vectorized exp
-  const float* p = probs.data_ptr<float>();
-  const int64_t threads = at::get_num_threads();
-  std::vector<float> partial(static_cast<size_t>(threads * hq * d), 0.f);
-  at::parallel_for(0, n, kTokenGrain, [&](int64_t begin, int64_t end) {
-    float* acc = partial.data() + at::get_thread_num() * hq * d;
-    for (int64_t h = 0; h < hkv; ++h)
-      values(p + h * group * n, vals + h * capacity * width, width, begin, end, group, d, n, acc + h * group * d);
-  });
-  std::fill(out, out + hq * d, 0.f);
-  for (int64_t t = 0; t < threads; ++t) {
-    const float* part = partial.data() + t * hq * d;
-    for (int64_t i = 0; i < hq * d; ++i) out[i] += part[i];
+  for (int64_t i = 0; i < hq; ++i) {
+    float m = peak[i];
+    for (int64_t c = 1; c < spans; ++c) m = std::max(m, peak[c * hq + i]);
+    float denominator = 0.f;
+    std::fill(out + i * d, out + (i + 1) * d, 0.f);
+    for (int64_t c = 0; c < spans; ++c) {
+      const float w = std::exp(peak[c * hq + i] - m);
+      denominator += w * total[c * hq + i];
+      const float* a = acc.data() + (c * hq + i) * d;
+      for (int64_t k = 0; k < d; ++k) out[i * d + k] += w * a[k];
+    }
+    for (int64_t k = 0; k < d; ++k) out[i * d + k] /= denominator;
   }
 }
 
