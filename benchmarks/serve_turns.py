@@ -33,10 +33,12 @@ from _machine import free_port, machine_note
 from tiermem.cache import TierCache
 from tiermem.cli import make_policy
 from tiermem.errors import TiermemError
+from tiermem.formats import apply_preset
 from tiermem.layer_info import describe_layers
 from tiermem.memory import registry
 from tiermem.memory.base import Policy
 from tiermem.models import LoadedModel, load
+from tiermem.serve.cli import off_main_thread
 from tiermem.serve.metrics import Metrics
 from tiermem.serve.policies import SessionPolicies
 from tiermem.serve.sessions import SessionStore
@@ -297,7 +299,9 @@ def _decode_rate(lm: LoadedModel, policy: Policy, sessions: int, args: argparse.
 
 
 def part_batch(args: argparse.Namespace, out: Path) -> None:
-    lm = load(args.model)
+    preset = argparse.Namespace(formats=args.formats, dtype=None, weights_quant=None, kv_dtype=None)
+    apply_preset(preset)  # the KV stays as the session caches here store it (auto: the compute dtype)
+    lm = off_main_thread(load, args.model, preset.dtype, weights_quant=preset.weights_quant)  # as tiermem serve
     policy = make_policy(args.policy, args.kv_budget, None, args.policy_opt)
     _decode_rate(lm, policy, 1, argparse.Namespace(max_tokens=4))  # warm-up
     one = [_decode_rate(lm, policy, 1, args) for _ in range(args.repeats)]
@@ -311,7 +315,8 @@ def part_batch(args: argparse.Namespace, out: Path) -> None:
             "policy": repr(policy), "sessions": args.sessions, "max_tokens": args.max_tokens,
             "single_tokens_per_s": round(single, 2), "batched_tokens_per_s": round(batched, 2),
             "ratio": round(batched / single, 2), "threads": torch.get_num_threads(), "repeats": args.repeats,
-            "with_prefill_ratio": round(whole[1] / whole[0], 2),
+            "with_prefill_ratio": round(whole[1] / whole[0], 2), "formats": lm.weights_format,
+            "native": os.environ.get("TIERMEM_NATIVE", "1"),
             "note": machine_note(),
         },
     )  # fmt: skip
@@ -383,6 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--first-tokens", type=int, default=8, help="identity: tokens answered before the last turn")
     parser.add_argument("--policies", nargs="*", help="identity: these policies (default: every registered one)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--formats", default="exact", choices=["exact", "fast"], help="batch: number formats")
     parser.add_argument("--out", default="bench-out/serve-turns")
     args = parser.parse_args(argv)
     out = Path(args.out)

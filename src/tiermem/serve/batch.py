@@ -18,7 +18,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from tiermem.cache import TierCache
-from tiermem.decode_step import fused_decoder
+from tiermem.decode_step import FusedDecoder, cache_reason
 from tiermem.engine import forward
 from tiermem.models import LoadedModel
 
@@ -33,11 +33,14 @@ class BatchCache(Cache):
         super().__init__(layers=list(rows[0].tier_layers))
 
 
-def decode_step(lm: LoadedModel, caches: list[TierCache], tokens: list[int], mode: str = "auto") -> torch.Tensor:
-    """Feed one token to each cache, all in one step; the next-token logits (B, vocab) in float32. ``mode``
-    ``python`` always takes the model's forward (``tiermem.decode_step.DECODE_STEPS``)."""
-    fused, _ = fused_decoder(lm, caches, mode)
-    if fused is not None:
+def decode_step(
+    lm: LoadedModel, caches: list[TierCache], tokens: list[int], fused: FusedDecoder | None = None
+) -> torch.Tensor:
+    """Feed one token to each cache, all in one step; the next-token logits (B, vocab) in float32. ``fused`` (the
+    model's :func:`tiermem.decode_step.fused_decoder`, checked once for the model) runs the step when every row's
+    cache allows it (:func:`tiermem.decode_step.cache_reason`, checked every step: a session's policy may compress
+    or change)."""
+    if fused is not None and not any(map(cache_reason, caches)):
         return fused.step(caches, tokens)
     model = lm.model
     if len(caches) == 1:

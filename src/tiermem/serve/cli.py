@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 DEFAULT_PORT = 8000
 
@@ -56,6 +58,22 @@ def add_serve_parser(sub: Any) -> None:
     add_ray_args(serve)
 
 
+T = TypeVar("T")
+
+
+def off_main_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` on a short-lived thread: its result, or its exception raised here.
+
+    The server's model work runs on the model thread (:class:`tiermem.serve.worker.ModelWorker`); what runs before
+    it (the load, a policy's calibration) runs here, so that the main thread never starts OpenMP work. libgomp gives
+    each thread that starts parallel work its own pool of threads, and with more pooled threads than cores it
+    shortens their spin-waits: on 2 cores a decode GEMV took 100-124 us from a second thread's pool against 34 us
+    from the only one (BENCHMARKS.md, "The fused decode step"). A pool ends with its thread, so the model thread's
+    is then the only one."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiermem-load") as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
 def build(args: argparse.Namespace, session_store: Any = None, response_store: Any = None) -> Any:
     """The FastAPI app for ``args`` (the model is loaded here); ``session_store`` and ``response_store`` replace
     the store classes (``--ray`` replicas share a folder: :mod:`tiermem.serve.shared_sessions`)."""
@@ -80,7 +98,7 @@ def build(args: argparse.Namespace, session_store: Any = None, response_store: A
     if not 0 < args.port < 65536:
         raise TiermemError(f"--port must be in 1..65535, got {args.port}")
     policy = make_policy(args.policy, args.kv_budget, args.compression_ratio, args.policy_opt)
-    lm = load(args.model, **load_options(args))
+    lm = off_main_thread(load, args.model, **load_options(args))
     key = {"model": source_fingerprint(lm.source, DTYPES[args.dtype]), "policy": repr(policy), "dtype": args.dtype}
     if args.weights_quant != "none" or args.kv_dtype != "auto":  # a session never crosses number formats
         key |= {"weights": lm.weights_format, "kv_dtype": args.kv_dtype}
@@ -92,8 +110,8 @@ def build(args: argparse.Namespace, session_store: Any = None, response_store: A
         return TierCache(lm.model, policy, StoreConfig(kv_dtype=args.kv_dtype), tokenizer=lm.tokenizer)
 
     policies = SessionPolicies(policy, describe_layers(lm.model, args.kv_dtype), args.kv_memory)
-    if not policies.auto:
-        make_cache(policy).close()  # a policy that cannot build a cache fails here, not at the first request
+    if not policies.auto:  # a policy that cannot build a cache fails here, not at the first request
+        off_main_thread(lambda: make_cache(policy).close())  # calibrating policies run the model
     store = (session_store or SessionStore)(
         folder, key, policies, make_cache, args.kv_memory, args.sessions_disk, args.durable
     )

@@ -33,6 +33,7 @@ import torch
 
 from tiermem.attention import patched_attention
 from tiermem.cache import hot_bytes
+from tiermem.decode_step import fused_decoder
 from tiermem.engine import GenerationConfig, prefill, probe_question, sample, stop_token_ids, token_pieces
 from tiermem.errors import TiermemError
 from tiermem.memory.base import Policy
@@ -90,6 +91,8 @@ class ModelWorker:
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.stops = stop_token_ids(lm)
         self.vocab = int(lm.model.get_input_embeddings().weight.shape[0])
+        self.fused, why = fused_decoder(lm, [])  # the model's part of the check, once (builds the step if needed)
+        log.info("decode step: %s", "fused" if self.fused is not None else f"python ({why})")
         self.running: list[Running] = []
         self.waiting: Job | None = None  # the next turn, held back until its KV fits under --kv-memory
         self.closing = False
@@ -370,7 +373,7 @@ class ModelWorker:
                 cache.observe_tokens(cache.get_seq_length(), token_pieces(cache, [token]))
         caches = [t.session.cache for t in batch if t.session.cache is not None]
         tokens = [t.token for t in batch if t.token is not None]
-        logits = decode_step(self.lm, caches, tokens)
+        logits = decode_step(self.lm, caches, tokens, self.fused)
         self.metrics.decode_step(len(batch))
         for turn, token, row in zip(batch, tokens, logits, strict=True):
             turn.session.tokens = np.append(turn.session.tokens, token)
