@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from tiermem.cache import TierCache
 from tiermem.engine import forward, prefill
 from tiermem.memory import registry
 from tiermem.models import LoadedModel
+from tiermem.native import decode_extension
 from tiermem.serve.batch import decode_step
 
 POLICIES = ["full", "streaming", "snapkv", "infllm", "emllm-small"]
@@ -60,3 +62,35 @@ def test_a_batch_needs_one_cache_per_row() -> None:
     cache = TierCache(model, registry.build("full"))
     with torch.inference_mode(), patched_attention(model), pytest.raises(ValueError, match="one TierCache per"):
         model(input_ids=torch.zeros(2, 3, dtype=torch.long), cache=cache, use_cache=True)
+
+
+def test_the_fused_step_runs_a_batch_only_when_every_row_allows_it() -> None:
+    """With the model's fused step, a batch of full caches takes it; one streaming row sends the whole batch to the
+    model's forward, whose rows equal each row's own Python step."""
+    from tests.test_decode_step import _lm, _prefilled
+    from tiermem.decode_step import fused_decoder
+    from tiermem.engine import forward_token
+
+    if decode_extension()[0] is None:
+        pytest.skip(decode_extension()[1])
+    lm = _lm()
+    fused, why = fused_decoder(lm, [])
+    assert fused is not None, why
+    full, other = _prefilled(lm, "int8"), _prefilled(lm, "int8", policy="streaming")
+    with torch.inference_mode(), patched_attention(lm.model):
+        twin = copy.deepcopy(full)
+        assert torch.equal(decode_step(lm, [full], [5], fused), fused.step([twin], [5]))  # fused: the same bits
+        mixed = [copy.deepcopy(full), copy.deepcopy(other)]
+        rows = decode_step(lm, mixed, [7, 9], fused)
+        single = torch.stack([forward_token(lm.model, c, t) for c, t in zip([full, other], [7, 9], strict=True)])
+        torch.testing.assert_close(rows, single, rtol=1e-2, atol=1e-2)
+
+
+def test_off_main_thread_returns_and_raises() -> None:
+    import threading
+
+    from tiermem.serve.cli import off_main_thread
+
+    assert off_main_thread(lambda x: (x, threading.current_thread() is threading.main_thread()), 3) == (3, False)
+    with pytest.raises(KeyError, match="gone"):
+        off_main_thread(lambda: {}["gone"])
