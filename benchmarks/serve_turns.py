@@ -308,18 +308,13 @@ def part_batch(args: argparse.Namespace, out: Path) -> None:
     many = [_decode_rate(lm, policy, args.sessions, args) for _ in range(args.repeats)]
     single, batched = (statistics.median(r["tokens_per_s"] for r in rows) for rows in (one, many))
     whole = [statistics.median(r["with_prefill_tokens_per_s"] for r in rows) for rows in (one, many)]
-    emit(
-        out,
-        "batch",
-        {
-            "policy": repr(policy), "sessions": args.sessions, "max_tokens": args.max_tokens,
-            "single_tokens_per_s": round(single, 2), "batched_tokens_per_s": round(batched, 2),
-            "ratio": round(batched / single, 2), "threads": torch.get_num_threads(), "repeats": args.repeats,
-            "with_prefill_ratio": round(whole[1] / whole[0], 2), "formats": lm.weights_format,
-            "native": os.environ.get("TIERMEM_NATIVE", "1"),
-            "note": machine_note(),
-        },
-    )  # fmt: skip
+    emit(out, "batch", {
+        "policy": repr(policy), "sessions": args.sessions, "max_tokens": args.max_tokens,
+        "single_tokens_per_s": round(single, 2), "batched_tokens_per_s": round(batched, 2),
+        "ratio": round(batched / single, 2), "threads": torch.get_num_threads(), "repeats": args.repeats,
+        "with_prefill_ratio": round(whole[1] / whole[0], 2), "formats": lm.weights_format,
+        "native": os.environ.get("TIERMEM_NATIVE", "1"), "note": machine_note(),
+    })  # fmt: skip
 
 
 # -- (d) greedy continuation after RAM -> disk -> restore equals the never-spilled run ---------------------------

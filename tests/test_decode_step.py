@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.conftest import sharpen
 from tiermem.attention import patched_attention
 from tiermem.cache import TierCache
 from tiermem.decode_step import fused_decoder
@@ -44,11 +45,7 @@ def _lm(mode: str = "int4", head_dim: int = 64, dtype: torch.dtype = torch.bfloa
         num_key_value_heads=max(heads // 2, 1),
         max_position_embeddings=1024,
     )
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0, 0.2)
+    model = sharpen(LlamaForCausalLM(cfg))
     model = model.to(dtype)
     if dtype == torch.bfloat16:
         quantize_weights(model, mode)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from tests.conftest import sharpen
 from tiermem.attention import patched_attention
 from tiermem.cache import TierCache
 from tiermem.engine import forward, prefill
@@ -31,11 +32,7 @@ def _model(mode: str) -> PreTrainedModel:
         num_key_value_heads=1,
         max_position_embeddings=512,
     )
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0, 0.2)
+    model = sharpen(LlamaForCausalLM(cfg))
     model = model.to(torch.bfloat16)
     quantize_weights(model, mode)
     return model
