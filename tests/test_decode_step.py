@@ -208,3 +208,17 @@ def test_generate_reports_the_step_and_rejects_an_unknown_one() -> None:
     assert python.stats.extra["decode_step"].startswith("python")
     with pytest.raises(TiermemError, match="unknown decode step"):
         GenerationConfig(decode_step="compiled")
+
+
+def test_the_int8_head_kernel_matches_float() -> None:
+    """The fused step's LM head (int16 activations, exact int32 sums) against float32 over the same int8 rows."""
+    native = decode_extension()[0]
+    if not hasattr(native, "head_int8"):
+        pytest.skip("built without AVX-512BW: the fused step uses PyTorch's int8 kernel for the head")
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randint(-127, 128, (512, 576), dtype=torch.int8, generator=generator)
+    scales = (torch.rand(512, generator=generator) * 0.01).bfloat16()
+    x = (torch.randn(2, 576, generator=generator) * torch.logspace(-3, 1, 576)).bfloat16()  # wide-ranging magnitudes
+    want = x.float() @ (weight.float() * scales.float()[:, None]).T
+    got = native.head_int8(x, weight, scales)
+    assert got.dtype == torch.float32 and _relative(want, got) < 1e-4
