@@ -20,7 +20,8 @@ import torch
 
 from tiermem.models import cache_root
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_step.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCE = CSRC / "decode_step.cpp"  # includes kernels.h from the same folder
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
@@ -37,7 +38,9 @@ def _cpu_flags() -> str:
 
 def build_name() -> str:
     """The module's name: changes with the source, the flags, torch's version and the CPU."""
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256()
+    for path in sorted(CSRC.iterdir()):  # the source and the header it includes
+        digest.update(path.name.encode() + path.read_bytes())
     for part in (" ".join(FLAGS), torch.__version__, _cpu_flags()):
         digest.update(part.encode())
     return f"tiermem_decode_{digest.hexdigest()[:12]}"
