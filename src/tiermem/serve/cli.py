@@ -53,6 +53,13 @@ def add_serve_parser(sub: Any) -> None:
         default=4,
         help="while turns are answering, decode steps per prompt chunk read (1: a chunk every step)",
     )
+    serve.add_argument(
+        "--decode-step",
+        default="auto",
+        choices=["auto", "python"],
+        help="auto: the fused decode step where the model and policy allow it (a turn served from session memory "
+        "may then differ from a cold server's by bf16 rounding); python: the model's forward, token-identical",
+    )
     from tiermem.serve.ray_serve import add_ray_args
 
     add_ray_args(serve)
@@ -119,6 +126,7 @@ def build(args: argparse.Namespace, session_store: Any = None, response_store: A
     worker = ModelWorker(
         lm, store, metrics, args.max_queue, args.chunk_size, args.max_tokens, args.max_batch,
         session_memory=args.session_memory == "on", decode_per_chunk=args.decode_per_chunk,
+        decode_step=args.decode_step,
     )  # fmt: skip
     name = args.served_model_name or args.model
     options = ServeOptions(model_id=name, api_keys=tuple(args.api_key))

@@ -77,6 +77,7 @@ class ModelWorker:
         max_batch: int = 8,
         session_memory: bool = True,
         decode_per_chunk: int = 4,
+        decode_step: str = "auto",
     ):
         self.lm = lm
         self.policy = store.policies.policy  # the server's (``auto``: each session's is chosen at its first turn)
@@ -91,7 +92,7 @@ class ModelWorker:
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.stops = stop_token_ids(lm)
         self.vocab = int(lm.model.get_input_embeddings().weight.shape[0])
-        self.fused, why = fused_decoder(lm, [])  # the model's part of the check, once (builds the step if needed)
+        self.fused, why = fused_decoder(lm, [], decode_step)  # the model's part of the check, once (may build it)
         log.info("decode step: %s", "fused" if self.fused is not None else f"python ({why})")
         self.running: list[Running] = []
         self.waiting: Job | None = None  # the next turn, held back until its KV fits under --kv-memory
