@@ -95,7 +95,6 @@ class FusedDecoder:
 
     def __init__(self, native: Any, lm: LoadedModel):
         model, info = lm.model, describe_layers(lm.model)[0]
-        assert info.rope.inv_freq is not None
         self.rope: Rope = info.rope
         weights: list[torch.Tensor] = []
         groups: list[int] = []
@@ -124,13 +123,6 @@ class FusedDecoder:
             info.scaling,
         )
 
-    def _rope_tables(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin (B, head_dim) float32 at ``positions``, from float64 angles (as :class:`tiermem.rope.Rope`)."""
-        assert self.rope.inv_freq is not None
-        freqs = torch.tensor(positions, dtype=torch.float64)[:, None] * self.rope.inv_freq[None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)
-        return (angles.cos() * self.rope.scaling).float(), (angles.sin() * self.rope.scaling).float()
-
     def step(self, caches: list[TierCache], tokens: list[int]) -> torch.Tensor:
         """Append ``tokens[i]`` to every layer of ``caches[i]`` (each passed by :func:`cache_reason`) and return the
         next-token logits (B, vocab) float32."""
@@ -149,7 +141,7 @@ class FusedDecoder:
                 blocks += [buffer.keys, buffer.values, buffer.positions]
                 slots.append(buffer.length)
                 buffers.append(buffer)
-        cos, sin = self._rope_tables(positions)
+        cos, sin = self.rope.cos_sin(torch.tensor(positions), torch.float32)  # (B, head_dim), float64 angles
         logits = self.native.step(tokens, positions, blocks, slots, cos, sin)
         for buffer in buffers:
             buffer.length += 1

@@ -68,15 +68,16 @@ class Rope:
         self._last: tuple[int, int, torch.Tensor, torch.Tensor] | None = None
         self._steps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # position -> tables of length 1
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables for integer ``positions`` (T,): two tensors (T, head_dim)."""
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for integer ``positions`` (T,): two tensors (T, head_dim) in ``dtype`` (default: the model's)."""
+        dtype = dtype or self.dtype
         if self.inv_freq is None:
             probe = torch.empty(0, dtype=self.dtype, device=positions.device)
             cos, sin = self.rotary_emb(probe, positions.view(1, -1), **self._kwargs)
-            return cos[0], sin[0]
+            return cos[0].to(dtype), sin[0].to(dtype)
         freqs = positions.double()[:, None] * self.inv_freq[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
-        return (angles.cos() * self.scaling).to(self.dtype), (angles.sin() * self.scaling).to(self.dtype)
+        return (angles.cos() * self.scaling).to(dtype), (angles.sin() * self.scaling).to(dtype)
 
     def cos_sin_range(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables for positions ``start .. start+length-1``."""

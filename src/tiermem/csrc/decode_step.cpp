@@ -4,9 +4,9 @@
 // Why: a Python decode step of SmolLM2 dispatches ~2,900 small operations, and on a 2-core CPU that dispatch, not
 // the weights' bytes, is most of the step (BENCHMARKS.md, "Where a 512-token step goes"). Here the small work of a
 // layer (RMSNorm, RoPE, the KV append with its int8 encode, attention over the stored rows, SiLU, residual adds)
-// runs as plain loops over a few hundred floats, and only the four weight GEMVs per layer and the LM head go
-// through PyTorch's own kernels (_weight_int4pack_mm_for_cpu / _weight_int8pack_mm, the kernels of the Python
-// path). This is the role of llama.cpp's graph or gpt-fast's compiled decode step; torch.compile gained nothing on
+// runs as plain loops over a few hundred floats (kernels.h), and only the four weight GEMVs per layer go through
+// PyTorch's own kernels (_weight_int4pack_mm_for_cpu / _weight_int8pack_mm, the Python path's); the int8 LM head has
+// its own kernel where the build has AVX-512BW (kernels.h: head_int8), PyTorch's otherwise. This is the role of llama.cpp's graph or gpt-fast's compiled decode step; torch.compile gained nothing on
 // this path (BENCHMARKS.md), so the step is written out.
 //
 // Numerics: the residual stream stays in float32 between layers (the Python path rounds it to bf16 after every

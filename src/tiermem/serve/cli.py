@@ -20,6 +20,7 @@ DEFAULT_PORT = 8000
 def add_serve_parser(sub: Any) -> None:
     """Add the ``serve`` subcommand to the ``tiermem`` subparsers."""
     from tiermem.cli_args import add_model_args, add_policy_args
+    from tiermem.decode_step import DECODE_STEPS
     from tiermem.units import parse_size, parse_tokens
 
     serve = sub.add_parser("serve", help="OpenAI-compatible server whose chat sessions keep their KV memory")
@@ -56,7 +57,7 @@ def add_serve_parser(sub: Any) -> None:
     serve.add_argument(
         "--decode-step",
         default="auto",
-        choices=["auto", "python"],
+        choices=list(DECODE_STEPS),
         help="auto: the fused decode step where the model and policy allow it (a turn served from session memory "
         "may then differ from a cold server's by bf16 rounding); python: the model's forward, token-identical",
     )
